@@ -1,0 +1,117 @@
+"""Fine-tune a LLaVA model (LLaVA-1.5 layout: vision tower, projector, language model) with the HF Trainer
+under DeepSpeed ZeRO-3 with CPU offload.
+
+Launch (from the repository root):
+
+    accelerate launch --config_file accelerate_configs/zero3_offload.yaml recipes/llava.py
+    accelerate launch --config_file accelerate_configs/zero3_offload.yaml --num_processes 4 recipes/llava.py \
+        --config recipes/configs/llava_lora.yaml --dataset_path data/train.json --image_root data/images
+    make train MODEL=llava CONFIG=recipes/configs/llava_pretrain.yaml ARGS="--max_steps 100"
+
+Configs: llava.yaml (LLaVA-1.5 fine-tune stage: projector + language model, vision tower frozen),
+llava_lora.yaml (LoRA on the language model, projector trained), llava_pretrain.yaml (stage 1: projector
+only), llava_demo.yaml (the tiny CPU demo). Any field can be overridden on the command line by its name.
+Re-running the same command resumes from the last complete checkpoint in output_dir.
+
+Tested: 2 CPU processes over gloo (tiny model, tests/test_llava_recipe.py); see docs/benchmarks.md for GPUs.
+To fine-tune another LLaVA-architecture model, copy this file and its YAML: the lines marked MODEL-SPECIFIC
+are the ones to change.
+"""
+
+from pathlib import Path
+
+from peft import LoraConfig, get_peft_model
+from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer
+
+from vlm_recipes.collator import ConversationCollator
+from vlm_recipes.config import parse_recipe_args
+from vlm_recipes.data import ConversationDataset, load_records
+from vlm_recipes.training import (
+    ResolvedDeepSpeedConfigCallback,
+    log_trainable_parameters,
+    prepare_output_dir,
+    set_requires_grad,
+    training_dtype,
+)
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llava.yaml"
+
+
+def main():
+    # ---- arguments ------------------------------------------------------------------------------------------
+    # TrainingArguments come first: under ZeRO-3 they switch on partitioned model construction (zero.Init).
+    model_args, data_args, training_args = parse_recipe_args(DEFAULT_CONFIG)
+    resume_from = prepare_output_dir(training_args)
+
+    # ---- data (read and checked before any weights are loaded) -----------------------------------------------
+    train_records = load_records(
+        data_args.dataset_path, data_args.image_root, data_args.dataset_split, data_args.allow_images_outside_root
+    )
+    eval_records = (
+        load_records(data_args.eval_dataset_path, data_args.image_root, "validation", data_args.allow_images_outside_root)
+        if data_args.eval_dataset_path
+        else None
+    )
+
+    # ---- model + processor ------------------------------------------------------------------------------------
+    processor = AutoProcessor.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+    model = LlavaForConditionalGeneration.from_pretrained(  # MODEL-SPECIFIC: the model class
+        model_args.model_name_or_path,
+        dtype=training_dtype(training_args),
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+    # MODEL-SPECIFIC: which modules are the vision tower, the projector and the language model.
+    set_requires_grad(model.model.vision_tower, not model_args.freeze_vision_tower)
+    set_requires_grad(model.model.multi_modal_projector, not model_args.freeze_projector)
+    set_requires_grad(model.model.language_model, not model_args.freeze_language_model)
+    set_requires_grad(model.lm_head, not model_args.freeze_language_model)
+
+    if model_args.use_lora:
+        lora_config = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            # MODEL-SPECIFIC: adapters on the language model's linear layers only, never the vision tower.
+            target_modules=rf"model\.language_model\..*\.({'|'.join(model_args.lora_target_modules)})",
+            # The projector is new for every fine-tune, so it is trained in full and saved with the adapter.
+            modules_to_save=[] if model_args.freeze_projector else ["multi_modal_projector"],
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora_config)
+    if training_args.gradient_checkpointing:
+        # Reentrant checkpointing needs an input that requires grad even when the embeddings are frozen.
+        model.enable_input_require_grads()
+    log_trainable_parameters(model)
+
+    # ---- data + collator --------------------------------------------------------------------------------------
+    train_dataset = ConversationDataset(train_records, processor, data_args.max_length)
+    eval_dataset = ConversationDataset(eval_records, processor, data_args.max_length) if eval_records else None
+    collator = ConversationCollator(pad_token_id=processor.tokenizer.pad_token_id)
+
+    # ---- trainer ------------------------------------------------------------------------------------------------
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[ResolvedDeepSpeedConfigCallback()],
+    )
+
+    # ---- train --------------------------------------------------------------------------------------------------
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    # ---- save ---------------------------------------------------------------------------------------------------
+    # With stage3_gather_16bit_weights_on_model_save the full weights are gathered from all ranks and written
+    # as safetensors (or just the adapter, for LoRA), next to the processor.
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+
+
+if __name__ == "__main__":
+    main()

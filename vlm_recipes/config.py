@@ -1,0 +1,126 @@
+"""Recipe arguments: dataclasses mirrored one-to-one by the YAML files, with command-line overrides on top.
+
+    accelerate launch recipes/llava.py                                   # the recipe's default YAML
+    accelerate launch recipes/llava.py --config recipes/configs/llava_lora.yaml --learning_rate 1e-5
+
+Every key of a YAML file is a field name of ModelArguments, DataArguments or transformers' TrainingArguments,
+so a key greps to its field. Unknown keys are refused with the file and the closest field names.
+"""
+
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the file or flag and the fix."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Hub id or local folder of the checkpoint to fine-tune."})
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the image encoder's weights fixed."})
+    freeze_projector: bool = field(default=False, metadata={"help": "Keep the vision-to-text projector fixed."})
+    freeze_language_model: bool = field(default=False, metadata={"help": "Keep the language model fixed."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full weights."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Linear layer names of the language model that get LoRA adapters."},
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run Python code shipped with the checkpoint. Off unless you trust it."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_path: str = field(metadata={"help": "LLaVA/chat JSON or JSONL file, or a `datasets` folder or name."})
+    image_root: str | None = field(default=None, metadata={"help": "Folder that image paths are relative to."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to read from a `datasets` source."})
+    eval_dataset_path: str | None = field(default=None, metadata={"help": "Optional held-out set, same format."})
+    max_length: int | None = field(
+        default=2048, metadata={"help": "Tokens per sample, image tokens included; longer samples are cut."}
+    )
+    allow_images_outside_root: bool = field(
+        default=False, metadata={"help": "Allow absolute image paths and '..' escapes from --image_root."}
+    )
+
+
+@dataclass
+class RecipeTrainingArguments(TrainingArguments):
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir that already holds a finished model, replacing it."},
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, RecipeTrainingArguments)
+
+
+def auto_precision() -> dict[str, bool]:
+    """bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return {"bf16": bf16, "fp16": not bf16}
+    return {"bf16": False, "fp16": False}
+
+
+def auto_backend() -> dict[str, str]:
+    # Without a GPU, accelerate (1.15) leaves the backend unset, counts one process and DeepSpeed then
+    # rejects train_batch_size ("8 != 8 * 1 * 2"). Naming gloo makes every process see the real world size.
+    return {} if torch.cuda.is_available() else {"ddp_backend": "gloo"}
+
+
+def split_config_flag(argv: list[str], default_config: Path) -> tuple[Path, list[str]]:
+    for k, arg in enumerate(argv):
+        if arg == "--config" and k + 1 < len(argv):
+            return Path(argv[k + 1]), argv[:k] + argv[k + 2 :]
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1]), argv[:k] + argv[k + 1 :]
+    return default_config, argv
+
+
+def read_yaml_config(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with a file in recipes/configs/")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a recipe config is a flat mapping of argument names to values")
+    known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hints = [f"{key} (did you mean {', '.join(difflib.get_close_matches(key, known, 2)) or '?'})" for key in unknown]
+        raise ConfigError(f"{path}: unknown key(s): {'; '.join(hints)}")
+    return values
+
+
+def parse_recipe_args(default_config: Path, argv: list[str] | None = None):
+    """(ModelArguments, DataArguments, RecipeTrainingArguments) from the YAML config and the command line.
+
+    Precision is "auto" (see `auto_precision`) unless bf16 or fp16 is set in the YAML or on the command line;
+    on a machine without a GPU ddp_backend defaults to gloo.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path, argv = split_config_flag(argv, default_config)
+    values = read_yaml_config(config_path)
+    given = set(values) | {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if not given & {"bf16", "fp16"}:
+        parser.set_defaults(**auto_precision())
+    parser.set_defaults(**auto_backend())
+    parser.set_defaults(**values)
+    # Fields without defaults are "required" to argparse even when the YAML supplies them.
+    for action in parser._actions:
+        if action.dest in values:
+            action.required = False
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args

@@ -1,0 +1,239 @@
+"""Read conversation datasets into one form, check them, and serve tokenized samples.
+
+Accepted inputs (`--dataset_path`):
+- a LLaVA conversation file, `.json` (a list) or `.jsonl` (a record a line):
+  {"id": ..., "image": "a.png" | "images": [...], "conversations": [{"from": "human" | "gpt" | "system",
+  "value": "<image>\\nWhat is this?"}, ...]}, image paths relative to `--image_root`;
+- the chat format, from the same files or from a `datasets` folder (`save_to_disk`) or name:
+  {"messages": [{"role": "user" | "assistant" | "system", "content": "text" | [{"type": "image"},
+  {"type": "text", "text": ...}]}], "images": [path or image, ...]}.
+
+Every record becomes {"id", "messages" (typed content parts), "images"}; problems are collected over the
+whole file and raised together, each naming the file, the record and the fix.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vlm_recipes.masking import SampleError, tokenize_conversation
+
+IMAGE_PLACEHOLDER = "<image>"
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+CHAT_ROLES = {"user", "assistant", "system"}
+
+
+class DataError(ValueError):
+    """Bad input data. The message lists every problem found, with the file, the record and the fix."""
+
+
+@dataclass
+class RecordProblem:
+    source: str
+    record: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.source}, record {self.record}: {self.problem}"
+
+
+def raise_if_problems(problems: list[RecordProblem], what: str) -> None:
+    if not problems:
+        return
+    shown = "\n  ".join(str(p) for p in problems[:50])
+    more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+    raise DataError(f"{len(problems)} problem(s) in {what}:\n  {shown}{more}")
+
+
+def split_placeholders(text: str) -> list[dict]:
+    """'<image>\\nWhat?' -> [{"type": "image"}, {"type": "text", "text": "What?"}]."""
+    parts = []
+    for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if k:
+            parts.append({"type": "image"})
+        if piece.strip():
+            parts.append({"type": "text", "text": piece.strip()})
+    return parts
+
+
+def llava_record_to_messages(record: dict) -> tuple[list[dict], list]:
+    images = record.get("images", [record["image"]] if "image" in record else [])
+    if isinstance(images, str):
+        images = [images]
+    messages = []
+    for turn in record["conversations"]:
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ValueError('each conversation turn needs "from" and "value"')
+        role = LLAVA_ROLES.get(turn["from"])
+        if role is None:
+            raise ValueError(f'unknown role "from": {turn["from"]!r}; use one of {sorted(LLAVA_ROLES)}')
+        messages.append({"role": role, "content": split_placeholders(str(turn["value"]))})
+    return messages, list(images)
+
+
+def chat_record_to_messages(record: dict) -> tuple[list[dict], list]:
+    messages = []
+    for turn in record["messages"]:
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise ValueError('each message needs "role" and "content"')
+        if turn["role"] not in CHAT_ROLES:
+            raise ValueError(f"unknown role {turn['role']!r}; use one of {sorted(CHAT_ROLES)}")
+        content = turn["content"]
+        if isinstance(content, str):
+            content = split_placeholders(content)
+        parts = []
+        for part in content:
+            kind = part.get("type")
+            if kind == "text" and part.get("text"):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                parts.append({"type": "image"})
+            elif kind != "text":
+                raise ValueError(f"unsupported content part type {kind!r}; use 'text' or 'image'")
+        messages.append({"role": turn["role"], "content": parts})
+    images = record.get("images") or []
+    return messages, list(images) if isinstance(images, list | tuple) else [images]
+
+
+def normalize_record(record: dict) -> tuple[list[dict], list]:
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+    if "conversations" in record:
+        messages, images = llava_record_to_messages(record)
+    elif "messages" in record:
+        messages, images = chat_record_to_messages(record)
+    else:
+        raise ValueError('no "conversations" (LLaVA format) or "messages" (chat format) key')
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("the conversation has no assistant turn, so there is nothing to learn")
+    n_placeholders = sum(part["type"] == "image" for m in messages for part in m["content"])
+    if n_placeholders != len(images):
+        raise ValueError(
+            f"{n_placeholders} image placeholder(s) but {len(images)} image(s); put one {IMAGE_PLACEHOLDER} "
+            "in the text (or one {'type': 'image'} part) per image, in order"
+        )
+    return messages, images
+
+
+def read_json_records(path: Path) -> tuple[list[tuple[str, object]], list[RecordProblem]]:
+    """(label, record) pairs, where label names the record the way a person finds it in the file."""
+    problems = []
+    if path.suffix == ".jsonl":
+        pairs = []
+        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                pairs.append((f"at line {line_number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                problems.append(RecordProblem(str(path), f"at line {line_number}", f"malformed JSON ({error.msg})"))
+        return pairs, problems
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: malformed JSON at line {error.lineno} column {error.colno} ({error.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json dataset must hold a list of records; use .jsonl for one record per line")
+    return [(f"#{index}", record) for index, record in enumerate(data)], problems
+
+
+def read_hf_records(dataset_path: str, split: str) -> list[tuple[str, object]]:
+    import datasets
+
+    if Path(dataset_path, "dataset_info.json").exists() or Path(dataset_path, "dataset_dict.json").exists():
+        loaded = datasets.load_from_disk(dataset_path)
+    else:
+        loaded = datasets.load_dataset(dataset_path, split=split)
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded[split]
+    return [(f"#{index}", dict(row)) for index, row in enumerate(loaded)]
+
+
+def resolve_image_path(path: str, image_root: Path | None, allow_outside_root: bool) -> Path:
+    candidate = Path(path)
+    if image_root is None:
+        return candidate
+    resolved = (image_root / candidate).resolve()
+    if not allow_outside_root and not resolved.is_relative_to(image_root.resolve()):
+        raise ValueError(
+            f"image path {path!r} points outside --image_root {image_root}; move the image under the root or "
+            "pass --allow_images_outside_root true"
+        )
+    return resolved
+
+
+def load_records(
+    dataset_path: str, image_root: str | None = None, split: str = "train", allow_images_outside_root: bool = False
+) -> list[dict]:
+    """Read and check every record; raise one DataError listing all problems found."""
+    path = Path(dataset_path)
+    if path.suffix in (".json", ".jsonl"):
+        if not path.is_file():
+            raise DataError(f"dataset file {path} does not exist; check --dataset_path")
+        pairs, problems = read_json_records(path)
+    elif path.suffix in (".pkl", ".pickle"):
+        raise DataError(f"{path}: pickle files are refused, since loading one runs arbitrary code; save as JSONL")
+    else:
+        pairs, problems = read_hf_records(dataset_path, split), []
+    root = Path(image_root) if image_root else None
+    records = []
+    for label, raw in pairs:
+        record_id = raw.get("id", label) if isinstance(raw, dict) else label
+        name = f"{label} (id {record_id})" if isinstance(raw, dict) and "id" in raw else label
+        try:
+            messages, images = normalize_record(raw)
+            resolved = []
+            for image in images:
+                if isinstance(image, str):
+                    image_path = resolve_image_path(image, root, allow_images_outside_root)
+                    if not image_path.is_file():
+                        raise ValueError(f"image {image_path} does not exist; check the path and --image_root")
+                    resolved.append(image_path)
+                else:
+                    resolved.append(image)  # already decoded (a `datasets` Image feature)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            problems.append(RecordProblem(str(dataset_path), name, str(error)))
+            continue
+        records.append({"id": str(record_id), "source": f"{dataset_path}, record {name}", "messages": messages,
+                        "images": resolved})
+    raise_if_problems(problems, str(dataset_path))
+    if not records:
+        raise DataError(f"{dataset_path} holds no records")
+    return records
+
+
+def load_image(image) -> Image.Image:
+    """An RGB image. 16-bit and float grayscale (X-rays) are stretched to 8 bits, not clipped."""
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+        image.load()
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = pixels.min(), pixels.max()
+        scaled = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+class ConversationDataset(Dataset):
+    """Checked records, tokenized on access so that images are decoded by the data-loader workers."""
+
+    def __init__(self, records: list[dict], processor, max_length: int | None):
+        self.records = records
+        self.processor = processor
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        try:
+            images = [load_image(image) for image in record["images"]]
+            return tokenize_conversation(self.processor, record["messages"], images, self.max_length)
+        except (SampleError, OSError) as error:
+            raise DataError(f"{record['source']}: {error}") from error

@@ -1,0 +1,111 @@
+"""Training plumbing every recipe shares: output folders and resuming, freezing, the resolved DeepSpeed
+config, and saving a model that loads with `from_pretrained`."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from vlm_recipes.config import ConfigError
+
+logger = logging.get_logger("vlm_recipes")
+
+FINISHED_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+RESOLVED_DS_CONFIG_NAME = "ds_config_resolved.json"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    # The Trainer writes trainer_state.json last, after the weights, the DeepSpeed shards and the RNG
+    # states: a folder without it was cut off while being written and must not be resumed from.
+    return (path / "trainer_state.json").is_file()
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    if not output_dir.is_dir():
+        return None
+    checkpoints = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+    complete = [p for p in checkpoints if is_complete_checkpoint(p)]
+    for skipped in sorted(set(checkpoints) - set(complete)):
+        logger.warning(f"ignoring {skipped}: its writing did not finish (no trainer_state.json)")
+    return max(complete, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)), default=None)
+
+
+def prepare_output_dir(training_args) -> str | None:
+    """The checkpoint to resume from, if any. Refuses to train over a finished model unless asked to.
+
+    Re-running the same command after a crash resumes from the last complete checkpoint in output_dir.
+    """
+    output_dir = Path(training_args.output_dir)
+    finished = [name for name in FINISHED_MODEL_FILES if (output_dir / name).is_file()]
+    if finished and not training_args.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir {output_dir} already holds a finished model ({finished[0]}). Choose another "
+            "--output_dir, or pass --overwrite_output_dir true to train again and replace it."
+        )
+    if training_args.resume_from_checkpoint:
+        if not is_complete_checkpoint(Path(training_args.resume_from_checkpoint)):
+            raise ConfigError(
+                f"--resume_from_checkpoint {training_args.resume_from_checkpoint} is not a complete checkpoint "
+                "(no trainer_state.json); pick another checkpoint-* folder"
+            )
+        return training_args.resume_from_checkpoint
+    if training_args.overwrite_output_dir:
+        return None
+    checkpoint = last_complete_checkpoint(output_dir)
+    if checkpoint is not None:
+        logger.warning(f"resuming from {checkpoint} (pass --overwrite_output_dir true to start over)")
+    return str(checkpoint) if checkpoint else None
+
+
+def set_requires_grad(module: torch.nn.Module, requires_grad: bool) -> None:
+    for parameter in module.parameters():
+        parameter.requires_grad_(requires_grad)
+
+
+def parameter_count(parameter: torch.nn.Parameter) -> int:
+    # Under ZeRO-3 a parameter's local tensor is an empty shard; ds_numel is its full size.
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
+def log_trainable_parameters(model: torch.nn.Module) -> str:
+    total = trainable = 0
+    for parameter in model.parameters():
+        count = parameter_count(parameter)
+        total += count
+        trainable += count if parameter.requires_grad else 0
+    line = f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+    logger.warning(line)
+    return line
+
+
+def training_dtype(training_args) -> torch.dtype:
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+class ResolvedDeepSpeedConfigCallback(TrainerCallback):
+    """Print the DeepSpeed config exactly as DeepSpeed received it (every "auto" replaced) and write it to
+    output_dir/ds_config_resolved.json."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from accelerate.state import AcceleratorState
+
+        plugin = AcceleratorState().deepspeed_plugin
+        if plugin is None or not state.is_world_process_zero:
+            return
+        config = plugin.deepspeed_config
+        text = json.dumps(config, indent=2, sort_keys=True)
+        unresolved = re.findall(r'"([^"]+)": "auto"', text)
+        if unresolved:
+            logger.warning(f"DeepSpeed config still has 'auto' values: {unresolved}")
+        os.makedirs(args.output_dir, exist_ok=True)
+        Path(args.output_dir, RESOLVED_DS_CONFIG_NAME).write_text(text + "\n")
+        print(f"DeepSpeed config as resolved for this run (world size {args.world_size}):\n{text}", flush=True)
