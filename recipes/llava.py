@@ -21,10 +21,10 @@ are the ones to change.
 from pathlib import Path
 
 from peft import LoraConfig, get_peft_model
-from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, Trainer
 
 from vlm_recipes.collator import ConversationCollator
-from vlm_recipes.config import parse_recipe_args
+from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, load_records
 from vlm_recipes.training import (
     ResolvedDeepSpeedConfigCallback,
@@ -45,15 +45,29 @@ def main():
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------
     train_records = load_records(
-        data_args.dataset_path, data_args.image_root, data_args.dataset_split, data_args.allow_images_outside_root
+        data_args.dataset_path,
+        data_args.image_root,
+        data_args.dataset_split,
+        data_args.allow_images_outside_root,
     )
     eval_records = (
-        load_records(data_args.eval_dataset_path, data_args.image_root, "validation", data_args.allow_images_outside_root)
+        load_records(
+            data_args.eval_dataset_path,
+            data_args.image_root,
+            "validation",
+            data_args.allow_images_outside_root,
+        )
         if data_args.eval_dataset_path
         else None
     )
 
     # ---- model + processor ------------------------------------------------------------------------------------
+    model_type = AutoConfig.from_pretrained(model_args.model_name_or_path).model_type
+    if model_type != "llava":  # MODEL-SPECIFIC: the architecture this recipe trains
+        raise ConfigError(
+            f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/llava.py trains 'llava' "
+            "(LLaVA-1.5 layout) models. LLaVA-NeXT and OneVision are not supported yet (see README)."
+        )
     processor = AutoProcessor.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
@@ -89,7 +103,9 @@ def main():
 
     # ---- data + collator --------------------------------------------------------------------------------------
     train_dataset = ConversationDataset(train_records, processor, data_args.max_length)
-    eval_dataset = ConversationDataset(eval_records, processor, data_args.max_length) if eval_records else None
+    eval_dataset = (
+        ConversationDataset(eval_records, processor, data_args.max_length) if eval_records else None
+    )
     collator = ConversationCollator(pad_token_id=processor.tokenizer.pad_token_id)
 
     # ---- trainer ------------------------------------------------------------------------------------------------
@@ -111,6 +127,9 @@ def main():
     # as safetensors (or just the adapter, for LoRA), next to the processor.
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
+    # Close the process group before exit: gloo/DeepSpeed threads left running can abort the interpreter
+    # at shutdown ("terminate called without an active exception") after everything was saved.
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

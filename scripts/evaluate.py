@@ -19,15 +19,23 @@ from vlm_recipes.inference import exact_match, generate, load_for_inference, spl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="a recipe's output_dir, or any checkpoint")
-    parser.add_argument("--dataset_path", required=True, help="LLaVA/chat JSON or JSONL, or a datasets folder")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model_name_or_path", required=True, help="a recipe's output_dir, or any checkpoint"
+    )
+    parser.add_argument(
+        "--dataset_path", required=True, help="LLaVA/chat JSON or JSONL, or a datasets folder"
+    )
     parser.add_argument("--image_root", default=None, help="folder that image paths are relative to")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="score only the first N records")
     parser.add_argument("--predictions_file", type=Path, default=None)
-    parser.add_argument("--trust_remote_code", action="store_true", help="run code shipped with the checkpoint")
+    parser.add_argument(
+        "--trust_remote_code", action="store_true", help="run code shipped with the checkpoint"
+    )
     args = parser.parse_args()
 
     records = load_records(args.dataset_path, args.image_root)[: args.limit]
@@ -37,13 +45,19 @@ def main() -> None:
     with predictions_file.open("w") as out:
         for first in range(0, len(records), args.batch_size):
             batch = records[first : first + args.batch_size]
-            prompts, references = zip(*(split_prompt_and_answer(r["messages"]) for r in batch))
-            answers = generate(model, processor, list(prompts), [r["images"] for r in batch], args.max_new_tokens)
-            for record, answer, reference in zip(batch, answers, references):
+            prompts, references = zip(*(split_prompt_and_answer(r["messages"]) for r in batch), strict=True)
+            answers = generate(
+                model, processor, list(prompts), [r["images"] for r in batch], args.max_new_tokens
+            )
+            for record, answer, reference in zip(batch, answers, references, strict=True):
                 match = exact_match(answer, reference)
                 correct += match
-                out.write(json.dumps({"id": record["id"], "prediction": answer, "reference": reference,
-                                      "correct": match}) + "\n")
+                out.write(
+                    json.dumps(
+                        {"id": record["id"], "prediction": answer, "reference": reference, "correct": match}
+                    )
+                    + "\n"
+                )
     summary = {
         "accuracy": correct / len(records),
         "n": len(records),

@@ -58,7 +58,9 @@ def make_split(name: str, count: int, output_dir: Path, rng: random.Random, size
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--num_train", type=int, default=800)
     parser.add_argument("--num_test", type=int, default=100)

@@ -20,12 +20,13 @@ class ConversationCollator:
         longest = max(len(sample["input_ids"]) for sample in samples)
         length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {}
-        for key in samples[0].keys() | set().union(*(s.keys() for s in samples)):
+        for key in set().union(*(sample.keys() for sample in samples)):
             present = [sample[key] for sample in samples if key in sample]
             if key in PER_TOKEN_KEYS:
                 padded = torch.full((len(samples), length), self.padding_value(key), dtype=present[0].dtype)
-                for row, value in enumerate(present):
-                    padded[row, : len(value)] = value
+                for row, sample in enumerate(samples):
+                    if key in sample:
+                        padded[row, : len(sample[key])] = sample[key]
                 batch[key] = padded
             else:
                 # Pixel values, image grids and sizes are per image: the model matches them to the image

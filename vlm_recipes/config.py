@@ -8,6 +8,7 @@ so a key greps to its field. Unknown keys are refused with the file and the clos
 """
 
 import difflib
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,11 +24,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "Hub id or local folder of the checkpoint to fine-tune."})
-    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the image encoder's weights fixed."})
-    freeze_projector: bool = field(default=False, metadata={"help": "Keep the vision-to-text projector fixed."})
+    model_name_or_path: str = field(
+        metadata={"help": "Hub id or local folder of the checkpoint to fine-tune."}
+    )
+    freeze_vision_tower: bool = field(
+        default=True, metadata={"help": "Keep the image encoder's weights fixed."}
+    )
+    freeze_projector: bool = field(
+        default=False, metadata={"help": "Keep the vision-to-text projector fixed."}
+    )
     freeze_language_model: bool = field(default=False, metadata={"help": "Keep the language model fixed."})
-    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full weights."})
+    use_lora: bool = field(
+        default=False, metadata={"help": "Train LoRA adapters instead of the full weights."}
+    )
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
@@ -37,16 +46,23 @@ class ModelArguments:
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run Python code shipped with the checkpoint. Off unless you trust it."}
+        default=False,
+        metadata={"help": "Run Python code shipped with the checkpoint. Off unless you trust it."},
     )
 
 
 @dataclass
 class DataArguments:
-    dataset_path: str = field(metadata={"help": "LLaVA/chat JSON or JSONL file, or a `datasets` folder or name."})
-    image_root: str | None = field(default=None, metadata={"help": "Folder that image paths are relative to."})
+    dataset_path: str = field(
+        metadata={"help": "LLaVA/chat JSON or JSONL file, or a `datasets` folder or name."}
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "Folder that image paths are relative to."}
+    )
     dataset_split: str = field(default="train", metadata={"help": "Split to read from a `datasets` source."})
-    eval_dataset_path: str | None = field(default=None, metadata={"help": "Optional held-out set, same format."})
+    eval_dataset_path: str | None = field(
+        default=None, metadata={"help": "Optional held-out set, same format."}
+    )
     max_length: int | None = field(
         default=2048, metadata={"help": "Tokens per sample, image tokens included; longer samples are cut."}
     )
@@ -77,7 +93,8 @@ def auto_precision() -> dict[str, bool]:
 def auto_backend() -> dict[str, str]:
     # Without a GPU, accelerate (1.15) leaves the backend unset, counts one process and DeepSpeed then
     # rejects train_batch_size ("8 != 8 * 1 * 2"). Naming gloo makes every process see the real world size.
-    return {} if torch.cuda.is_available() else {"ddp_backend": "gloo"}
+    launched = "LOCAL_RANK" in os.environ  # set by accelerate launch / torchrun, not by a plain `python`
+    return {"ddp_backend": "gloo"} if launched and not torch.cuda.is_available() else {}
 
 
 def split_config_flag(argv: list[str], default_config: Path) -> tuple[Path, list[str]]:
@@ -98,7 +115,10 @@ def read_yaml_config(path: Path) -> dict:
     known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        hints = [f"{key} (did you mean {', '.join(difflib.get_close_matches(key, known, 2)) or '?'})" for key in unknown]
+        hints = [
+            f"{key} (did you mean {', '.join(difflib.get_close_matches(key, known, 2)) or '?'})"
+            for key in unknown
+        ]
         raise ConfigError(f"{path}: unknown key(s): {'; '.join(hints)}")
     return values
 

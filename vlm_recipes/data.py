@@ -23,7 +23,13 @@ from torch.utils.data import Dataset
 from vlm_recipes.masking import SampleError, tokenize_conversation
 
 IMAGE_PLACEHOLDER = "<image>"
-LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+LLAVA_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 CHAT_ROLES = {"user", "assistant", "system"}
 
 
@@ -130,14 +136,20 @@ def read_json_records(path: Path) -> tuple[list[tuple[str, object]], list[Record
             try:
                 pairs.append((f"at line {line_number}", json.loads(line)))
             except json.JSONDecodeError as error:
-                problems.append(RecordProblem(str(path), f"at line {line_number}", f"malformed JSON ({error.msg})"))
+                problems.append(
+                    RecordProblem(str(path), f"at line {line_number}", f"malformed JSON ({error.msg})")
+                )
         return pairs, problems
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}: malformed JSON at line {error.lineno} column {error.colno} ({error.msg})") from None
+        raise DataError(
+            f"{path}: malformed JSON at line {error.lineno} column {error.colno} ({error.msg})"
+        ) from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: a .json dataset must hold a list of records; use .jsonl for one record per line")
+        raise DataError(
+            f"{path}: a .json dataset must hold a list of records; use .jsonl for one record per line"
+        )
     return [(f"#{index}", record) for index, record in enumerate(data)], problems
 
 
@@ -167,7 +179,10 @@ def resolve_image_path(path: str, image_root: Path | None, allow_outside_root: b
 
 
 def load_records(
-    dataset_path: str, image_root: str | None = None, split: str = "train", allow_images_outside_root: bool = False
+    dataset_path: str,
+    image_root: str | None = None,
+    split: str = "train",
+    allow_images_outside_root: bool = False,
 ) -> list[dict]:
     """Read and check every record; raise one DataError listing all problems found."""
     path = Path(dataset_path)
@@ -176,7 +191,9 @@ def load_records(
             raise DataError(f"dataset file {path} does not exist; check --dataset_path")
         pairs, problems = read_json_records(path)
     elif path.suffix in (".pkl", ".pickle"):
-        raise DataError(f"{path}: pickle files are refused, since loading one runs arbitrary code; save as JSONL")
+        raise DataError(
+            f"{path}: pickle files are refused, since loading one runs arbitrary code; save as JSONL"
+        )
     else:
         pairs, problems = read_hf_records(dataset_path, split), []
     root = Path(image_root) if image_root else None
@@ -191,15 +208,23 @@ def load_records(
                 if isinstance(image, str):
                     image_path = resolve_image_path(image, root, allow_images_outside_root)
                     if not image_path.is_file():
-                        raise ValueError(f"image {image_path} does not exist; check the path and --image_root")
+                        raise ValueError(
+                            f"image {image_path} does not exist; check the path and --image_root"
+                        )
                     resolved.append(image_path)
                 else:
                     resolved.append(image)  # already decoded (a `datasets` Image feature)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             problems.append(RecordProblem(str(dataset_path), name, str(error)))
             continue
-        records.append({"id": str(record_id), "source": f"{dataset_path}, record {name}", "messages": messages,
-                        "images": resolved})
+        records.append(
+            {
+                "id": str(record_id),
+                "source": f"{dataset_path}, record {name}",
+                "messages": messages,
+                "images": resolved,
+            }
+        )
     raise_if_problems(problems, str(dataset_path))
     if not records:
         raise DataError(f"{dataset_path} holds no records")

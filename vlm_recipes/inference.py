@@ -14,13 +14,17 @@ from vlm_recipes.masking import add_special_tokens_for, render
 def load_for_inference(model_name_or_path: str, dtype=None, device=None, trust_remote_code: bool = False):
     """(model, processor) from a recipe's output_dir, whichever it holds: full weights or a LoRA adapter."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
+    dtype = dtype or (
+        torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    )
     adapter_config = Path(model_name_or_path, "adapter_config.json")
     if adapter_config.is_file():
         from peft import PeftModel
 
         base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            base, dtype=dtype, trust_remote_code=trust_remote_code
+        )
         model = PeftModel.from_pretrained(model, model_name_or_path)
     else:
         model = AutoModelForImageTextToText.from_pretrained(
@@ -39,7 +43,9 @@ def split_prompt_and_answer(messages: list[dict]) -> tuple[list[dict], str]:
 
 
 @torch.no_grad()
-def generate(model, processor, prompts: list[list[dict]], images: list[list], max_new_tokens: int = 64) -> list[str]:
+def generate(
+    model, processor, prompts: list[list[dict]], images: list[list], max_new_tokens: int = 64
+) -> list[str]:
     """Greedy answers for a batch of conversations (each ending with a user turn)."""
     texts = [render(processor, messages, add_generation_prompt=True) for messages in prompts]
     flat_images = [load_image(image) for sample in images for image in sample]
@@ -70,4 +76,3 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
-

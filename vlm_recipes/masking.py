@@ -34,7 +34,9 @@ class CharSpan:
 
 
 def render(processor, messages, add_generation_prompt=False) -> str:
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return processor.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def assistant_char_spans(processor, messages, text: str) -> list[CharSpan]:
@@ -44,9 +46,16 @@ def assistant_char_spans(processor, messages, text: str) -> list[CharSpan]:
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(processor, messages[:index], add_generation_prompt=True) if index else ""
+        # Processors cannot render an empty conversation, so a conversation opened by the assistant is
+        # handled like the templates below.
+        before = render(processor, messages[:index], add_generation_prompt=True) if index else None
         through = render(processor, messages[: index + 1])
-        if text.startswith(before) and text.startswith(through) and len(through) > len(before):
+        if (
+            before is not None
+            and text.startswith(before)
+            and text.startswith(through)
+            and len(through) > len(before)
+        ):
             start, end = len(before), len(through.rstrip())
         else:
             # Templates that rewrite earlier turns (dropping reasoning, say) break the prefix property:
@@ -59,9 +68,10 @@ def assistant_char_spans(processor, messages, text: str) -> list[CharSpan]:
                     "conversation, and its text was not found in the rendered conversation"
                 )
             end = start + len(answer)
+            gap = len(text[end:]) - len(text[end:].lstrip())  # templates may put a space before the end token
             for token in special_tokens:
-                if text.startswith(token, end):
-                    end += len(token)
+                if text.startswith(token, end + gap):
+                    end += gap + len(token)
                     break
         spans.append(CharSpan(start, end))
         cursor = end
@@ -99,6 +109,8 @@ def expand_mask(plain_ids, plain_mask, expanded_ids, media_ids: set[int]) -> lis
         mask.append(plain_mask[i])
         i += 1
         j += 1
+    if i != len(plain_ids):
+        raise SampleError("the processor dropped tokens the tokenizer produced; the texts do not line up")
     return mask
 
 
@@ -109,14 +121,18 @@ def add_special_tokens_for(processor, text: str) -> bool:
     return not (bos is not None and text.startswith(bos))
 
 
-def tokenize_conversation(processor, messages, images, max_length: int | None = None) -> dict[str, torch.Tensor]:
+def tokenize_conversation(
+    processor, messages, images, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
     """Model inputs for one conversation: per-token tensors are 1-D, per-image tensors keep their shape."""
     text = render(processor, messages)
     spans = assistant_char_spans(processor, messages, text)
     add_special = add_special_tokens_for(processor, text)
     plain = processor.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
     plain_mask = token_mask_from_spans(plain["offset_mapping"], spans)
-    encoded = processor(text=[text], images=images or None, add_special_tokens=add_special, return_tensors="pt")
+    encoded = processor(
+        text=[text], images=images or None, add_special_tokens=add_special, return_tensors="pt"
+    )
 
     sample = {key: value[0] if key in PER_TOKEN_KEYS else value for key, value in encoded.items()}
     input_ids = sample["input_ids"]
@@ -132,7 +148,9 @@ def tokenize_conversation(processor, messages, images, max_length: int | None = 
                 f"span (its last image token is at position {last_media}); raise max_length, lower the image "
                 "resolution, or shorten the conversation"
             )
-        sample = {key: value[:max_length] if key in PER_TOKEN_KEYS else value for key, value in sample.items()}
+        sample = {
+            key: value[:max_length] if key in PER_TOKEN_KEYS else value for key, value in sample.items()
+        }
     if not (sample["labels"] != IGNORE_INDEX).any():
         raise SampleError(
             "no assistant tokens are left to learn from"

@@ -108,4 +108,6 @@ class ResolvedDeepSpeedConfigCallback(TrainerCallback):
             logger.warning(f"DeepSpeed config still has 'auto' values: {unresolved}")
         os.makedirs(args.output_dir, exist_ok=True)
         Path(args.output_dir, RESOLVED_DS_CONFIG_NAME).write_text(text + "\n")
-        print(f"DeepSpeed config as resolved for this run (world size {args.world_size}):\n{text}", flush=True)
+        print(
+            f"DeepSpeed config as resolved for this run (world size {args.world_size}):\n{text}", flush=True
+        )

@@ -1,0 +1,57 @@
+# Every command of the repository. `make help` lists them.
+#
+# By default everything runs in .venv (created by `make install`). To use an environment of your own:
+#   pip install -r requirements.txt && make demo PYTHON=python
+
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+MODEL ?= llava
+CONFIG ?=
+ACCELERATE_CONFIG ?= accelerate_configs/zero3_offload.yaml
+ARGS ?=
+# One process per GPU; with no GPU, 2 CPU processes over gloo (the real distributed path).
+NUM_PROCESSES ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" -gt 0 ] && echo $$n || echo 2)
+
+RECIPE = recipes/$(subst -,_,$(MODEL)).py
+LAUNCH = $(PYTHON) -m accelerate.commands.accelerate_cli launch --config_file $(ACCELERATE_CONFIG) \
+	--num_processes $(NUM_PROCESSES)
+
+ifeq ($(PYTHON),$(VENV)/bin/python)
+INSTALLED := $(VENV)/.installed
+else
+INSTALLED :=
+endif
+
+.PHONY: help install demo train test lint format clean
+
+help:  ## list the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(INSTALLED)  ## create .venv and install requirements (+ this repo's package) and the dev tools
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --upgrade pip
+	$(PYTHON) -m pip install -r requirements-dev.txt
+	touch $@
+
+demo: $(INSTALLED)  ## tiny model + demo data, trained with the real launcher and ZeRO-3 offload config
+	PYTHON=$(PYTHON) NUM_PROCESSES=$(NUM_PROCESSES) ACCELERATE_CONFIG=$(ACCELERATE_CONFIG) \
+		bash scripts/demo.sh $(MODEL)
+
+train: $(INSTALLED)  ## fine-tune: make train MODEL=llava|qwen-vl|chexagent [CONFIG=...] [ARGS="..."]
+	$(LAUNCH) $(RECIPE) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 10 minutes on 2 cores)
+	$(PYTHON) -m pytest
+
+lint: $(INSTALLED)  ## ruff lint and format check
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: $(INSTALLED)  ## ruff format and autofix
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+
+clean:  ## remove run outputs (runs/); keeps .venv
+	rm -rf runs

@@ -1,0 +1,181 @@
+"""The LLaVA recipe end to end: real `accelerate launch`, real ZeRO-3 + CPU offload config, 2 processes over
+gloo, tiny model. Checks what a user checks: the loss falls, the DeepSpeed config holds what the arguments
+imply, the saved model reloads and equals the trained weights, LoRA saves a loadable adapter, a re-run resumes."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlavaForConditionalGeneration
+
+from tests.conftest import REPO, launch_recipe, run_command
+
+pytestmark = pytest.mark.distributed
+
+HIDDEN_SIZE = 64  # the tiny LLaVA's text hidden size, which fills the bucket-size "auto"s
+
+
+def recipe_args(tiny_llava, demo_data, output_dir, *extra):
+    return [
+        "--config", "recipes/configs/llava_demo.yaml",
+        "--model_name_or_path", tiny_llava,
+        "--dataset_path", demo_data / "train.json", "--image_root", demo_data,
+        "--output_dir", output_dir,
+        "--overwrite_output_dir", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def logged_losses(output_dir) -> dict[int, float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+def assert_resolved_like_arguments(config, *, world_size, micro, accumulation, learning_rate):
+    """Every "auto" of ds_configs/zero3_offload.json, replaced by what the TrainingArguments imply."""
+    assert "auto" not in json.dumps(config)
+    assert config["train_micro_batch_size_per_gpu"] == micro
+    assert config["gradient_accumulation_steps"] == accumulation
+    assert config["train_batch_size"] == world_size * micro * accumulation
+    assert config["gradient_clipping"] == 1.0
+    assert config["optimizer"]["params"] == {
+        "lr": learning_rate, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0
+    }  # fmt: skip
+    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False  # fp32 on CPU
+    zero = config["zero_optimization"]
+    assert zero["reduce_bucket_size"] == HIDDEN_SIZE * HIDDEN_SIZE
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * HIDDEN_SIZE * HIDDEN_SIZE)
+    assert zero["stage3_param_persistence_threshold"] == 10 * HIDDEN_SIZE
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    assert "scheduler" not in config  # the Trainer's --lr_scheduler_type is what runs
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_llava, demo_data, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("llava") / "full"
+    args = recipe_args(
+        tiny_llava, demo_data, output_dir,
+        "--max_steps", "30", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--learning_rate", "2e-3", "--logging_steps", "5", "--save_strategy", "steps", "--save_steps", "15",
+    )  # fmt: skip
+    result = launch_recipe("llava.py", args)
+    return output_dir, args, result
+
+
+def test_full_finetune_loss_falls(full_run):
+    output_dir, _, _ = full_run
+    losses = logged_losses(output_dir)
+    assert sorted(losses) == [5, 10, 15, 20, 25, 30]
+    assert losses[30] < 0.5 * losses[5], losses
+
+
+def test_resolved_deepspeed_config_two_processes(full_run):
+    output_dir, _, result = full_run
+    config = json.loads((output_dir / "ds_config_resolved.json").read_text())
+    assert_resolved_like_arguments(config, world_size=2, micro=4, accumulation=2, learning_rate=2e-3)
+    assert "DeepSpeed config as resolved for this run (world size 2)" in result.stdout
+
+
+def test_saved_model_reloads_and_equals_trained_weights(full_run, tiny_llava):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    output_dir, _, _ = full_run
+    assert (output_dir / "model.safetensors").stat().st_size > 500_000  # full weights, not a ZeRO stub
+    assert (output_dir / "processor_config.json").is_file() and (output_dir / "tokenizer.json").is_file()
+    reloaded = LlavaForConditionalGeneration.from_pretrained(output_dir).state_dict()
+    # The fp32 weights DeepSpeed trained, consolidated from the ZeRO shards of the last checkpoint.
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(output_dir / "checkpoint-30"))
+    initial = LlavaForConditionalGeneration.from_pretrained(tiny_llava).state_dict()
+    assert set(trained) <= set(reloaded)
+    for name, tensor in trained.items():
+        torch.testing.assert_close(reloaded[name], tensor, rtol=0, atol=0, msg=name)
+    changed = {name for name in initial if not torch.equal(initial[name], reloaded[name])}
+    assert not any("vision_tower" in name for name in changed)  # frozen
+    assert any("multi_modal_projector" in name for name in changed)
+    assert any("language_model" in name for name in changed)
+
+
+def test_rerun_resumes_from_last_complete_checkpoint(full_run, tmp_path):
+    output_dir, args, _ = full_run
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(output_dir, interrupted)
+    # As if the process died while writing checkpoint-30: no final model, checkpoint-30 incomplete.
+    (interrupted / "model.safetensors").unlink()
+    (interrupted / "trainer_state.json").unlink()
+    (interrupted / "checkpoint-30" / "trainer_state.json").unlink()
+    rerun_args = [str(interrupted) if str(a) == str(output_dir) else a for a in args]
+    result = launch_recipe("llava.py", rerun_args)
+    log = result.stdout + result.stderr
+    assert f"resuming from {interrupted / 'checkpoint-15'}" in log
+    assert f"ignoring {interrupted / 'checkpoint-30'}" in log
+    state = json.loads((interrupted / "trainer_state.json").read_text())
+    assert state["global_step"] == 30
+    # The resumed run repeats steps 16-30 on the same batches from the same state: same losses.
+    original, resumed = logged_losses(output_dir), logged_losses(interrupted)
+    for step in (20, 25, 30):
+        assert resumed[step] == pytest.approx(original[step], rel=1e-3), (step, original, resumed)
+    assert (interrupted / "model.safetensors").is_file()
+
+
+def test_finished_output_dir_is_not_overwritten(full_run):
+    output_dir, args, _ = full_run
+    before = (output_dir / "model.safetensors").stat().st_mtime_ns
+    result = run_command([sys.executable, "recipes/llava.py", *args], check=False, timeout=300)
+    assert result.returncode != 0
+    assert (
+        "already holds a finished model" in result.stderr and "--overwrite_output_dir true" in result.stderr
+    )
+    assert (output_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_resolved_deepspeed_config_one_process(tiny_llava, demo_data, tmp_path):
+    output_dir = tmp_path / "one"
+    args = recipe_args(
+        tiny_llava, demo_data, output_dir,
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "3",
+        "--learning_rate", "1e-3",
+    )  # fmt: skip
+    launch_recipe("llava.py", args, num_processes=1)
+    config = json.loads((output_dir / "ds_config_resolved.json").read_text())
+    assert_resolved_like_arguments(config, world_size=1, micro=2, accumulation=3, learning_rate=1e-3)
+
+
+def test_lora_saves_a_loadable_adapter(tiny_llava, demo_data, tmp_path):
+    from peft import PeftModel
+
+    from vlm_recipes.inference import load_for_inference
+
+    output_dir = tmp_path / "lora"
+    args = recipe_args(tiny_llava, demo_data, output_dir)
+    args[1] = "recipes/configs/llava_lora.yaml"
+    args += [
+        "--max_steps", "10", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+        "--learning_rate", "2e-3", "--lora_r", "8", "--lora_alpha", "16", "--max_length", "128",
+        "--save_strategy", "no", "--report_to", "none", "--dataloader_num_workers", "0", "--logging_steps", "5",
+    ]  # fmt: skip
+    launch_recipe("llava.py", args)
+    assert (output_dir / "adapter_config.json").is_file()
+    assert not (output_dir / "model.safetensors").exists()
+    adapter = load_file(output_dir / "adapter_model.safetensors")
+    lora_b = [tensor for name, tensor in adapter.items() if "lora_B" in name]
+    assert lora_b and all(tensor.abs().sum() > 0 for tensor in lora_b)  # lora_B starts at zero: it trained
+    assert any("multi_modal_projector" in name for name in adapter)  # the projector is saved with it
+    assert not any("vision_tower" in name for name in adapter)
+    model, processor = load_for_inference(str(output_dir), device="cpu")
+    assert isinstance(model, PeftModel)
+    assert processor.tokenizer.padding_side == "left"
+
+
+def test_recipe_help_lists_hf_argument_names():
+    result = subprocess.run(
+        [sys.executable, "recipes/llava.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    for name in ("--model_name_or_path", "--dataset_path", "--image_root", "--freeze_vision_tower", "--use_lora",
+                 "--per_device_train_batch_size", "--overwrite_output_dir"):  # fmt: skip
+        assert name in result.stdout
