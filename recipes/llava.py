@@ -28,7 +28,9 @@ from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, load_records
 from vlm_recipes.training import (
     ResolvedDeepSpeedConfigCallback,
+    finish_run,
     log_trainable_parameters,
+    lora_target_pattern,
     prepare_output_dir,
     set_requires_grad,
     training_dtype,
@@ -89,8 +91,13 @@ def main():
             r=model_args.lora_r,
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
-            # MODEL-SPECIFIC: adapters on the language model's linear layers only, never the vision tower.
-            target_modules=rf"model\.language_model\..*\.({'|'.join(model_args.lora_target_modules)})",
+            # MODEL-SPECIFIC: the module paths of the language model and the vision tower.
+            target_modules=lora_target_pattern(
+                {
+                    "model.language_model": model_args.lora_target_modules,
+                    "model.vision_tower": model_args.lora_vision_target_modules,
+                }
+            ),
             # The projector is new for every fine-tune, so it is trained in full and saved with the adapter.
             modules_to_save=[] if model_args.freeze_projector else ["multi_modal_projector"],
             task_type="CAUSAL_LM",
@@ -106,7 +113,7 @@ def main():
     eval_dataset = (
         ConversationDataset(eval_records, processor, data_args.max_length) if eval_records else None
     )
-    collator = ConversationCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    collator = ConversationCollator(processor, guard_text_only_batches=data_args.guard_text_only_batches)
 
     # ---- trainer ------------------------------------------------------------------------------------------------
     trainer = Trainer(
@@ -127,9 +134,7 @@ def main():
     # as safetensors (or just the adapter, for LoRA), next to the processor.
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
-    # Close the process group before exit: gloo/DeepSpeed threads left running can abort the interpreter
-    # at shutdown ("terminate called without an active exception") after everything was saved.
-    trainer.accelerator.end_training()
+    finish_run(trainer)  # all ranks done writing, then a clean exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,15 @@ OUTPUT_DIR=$DEMO/${MODEL}-finetuned
 
 [ -f "$RECIPE" ] || { echo "no recipe $RECIPE for MODEL=$MODEL" >&2; exit 2; }
 [ -f "$CONFIG" ] || { echo "no demo config $CONFIG for MODEL=$MODEL" >&2; exit 2; }
+# Quiet the libraries' deprecation chatter so the demo's own output is readable; errors still show.
 export TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning,ignore::UserWarning}
 
 seconds() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(seconds)" 'BEGIN { printf "%.0f", b - a }'; }
-accuracy() { tail -n 1 "$1" | "$PYTHON" -c 'import json, sys; r = json.load(sys.stdin); print(f"{r["accuracy"]:.2f} ({r["correct"]}/{r["n"]})")'; }
+accuracy() {
+    tail -n 1 "$1" | "$PYTHON" -c 'import json, sys; r = json.load(sys.stdin); print("%.2f (%d/%d)" % (r["accuracy"], r["correct"], r["n"]))'
+}
 
 start=$(seconds)
 echo "== 1/5 tiny $MODEL model and demo data"

@@ -21,6 +21,18 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 # A vicuna-style template like LLaVA-1.5's, with the end-of-sequence token after every assistant turn so
@@ -55,8 +67,38 @@ Hello, how are you? I am fine, thank you. Please look at the image and answer th
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
+QWEN_TOKEN_NAMES = {
+    "pad_token_id": "<|endoftext|>",
+    "eos_token_id": "<|im_end|>",
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+# Qwen2-VL's own chat template (ChatML, a default system turn, one vision span per image or video).
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(family: str = "llava") -> PreTrainedTokenizerFast:
+    if family != "llava":
+        return build_qwen_tokenizer()
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -80,6 +122,113 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         extra_special_tokens={"image_token": "<image>"},
         padding_side="right",
     )
+
+
+def train_bpe(special_tokens: list[str]) -> Tokenizer:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([line for line in CORPUS.splitlines() if line.strip()] * 20, trainer=trainer)
+    return bpe
+
+
+def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    # Qwen's layout: no BOS, <|im_end|> ends a turn (and generation), <|endoftext|> pads.
+    bpe = train_bpe(QWEN_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        padding_side="right",
+    )
+
+
+def build_qwen(output_dir: Path, seed: int, family: str) -> None:
+    """Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL: 56x56 images become 4x4 patches, merged 2x2 into 4 tokens."""
+    tokenizer = build_qwen_tokenizer()
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in QWEN_TOKEN_NAMES.items()}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=ids["eos_token_id"],
+        pad_token_id=ids["pad_token_id"],
+        bos_token_id=None,
+    )
+    # head_dim 16: the multimodal rotary sections (time, height, width) must add up to head_dim / 2.
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    patch_size = 16 if family == "qwen3-vl" else 14
+    if family == "qwen2-vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=patch_size)
+        config = Qwen2VLConfig(
+            text_config={**text, "rope_parameters": rope}, vision_config=vision, **MEDIA_IDS(ids)
+        )
+        model_class, processor_class, video_class = (
+            Qwen2VLForConditionalGeneration,
+            Qwen2VLProcessor,
+            Qwen2VLVideoProcessor,
+        )
+    elif family == "qwen2.5-vl":
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=patch_size,
+            window_size=56, fullatt_block_indexes=[1],
+        )  # fmt: skip
+        config = Qwen2_5_VLConfig(
+            text_config={**text, "rope_parameters": rope}, vision_config=vision, **MEDIA_IDS(ids)
+        )
+        model_class, processor_class = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+        video_class = Qwen2VLVideoProcessor
+    else:
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=patch_size,
+            num_position_embeddings=16, deepstack_visual_indexes=[0],
+        )  # fmt: skip
+        rope3 = {**rope, "mrope_interleaved": True}
+        config = Qwen3VLConfig(
+            text_config={**text, "head_dim": 16, "rope_parameters": rope3},
+            vision_config=vision,
+            **MEDIA_IDS(ids),
+        )
+        model_class, processor_class, video_class = (
+            Qwen3VLForConditionalGeneration,
+            Qwen3VLProcessor,
+            Qwen3VLVideoProcessor,
+        )
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config.pad_token_id = ids["pad_token_id"]
+    model.generation_config.eos_token_id = ids["eos_token_id"]
+    pixels = dict(min_pixels=(2 * patch_size) ** 2, max_pixels=(4 * patch_size) ** 2)
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=patch_size, merge_size=2, temporal_patch_size=2, **pixels
+    )
+    video_processor = video_class(patch_size=patch_size, merge_size=2, temporal_patch_size=2, **pixels)
+    processor = processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+def MEDIA_IDS(ids: dict) -> dict:  # noqa: N802 - reads like the constant it builds
+    return {
+        key: ids[key]
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    }
 
 
 def build_llava(output_dir: Path, seed: int) -> None:
@@ -135,14 +284,21 @@ def build_llava(output_dir: Path, seed: int) -> None:
     processor.save_pretrained(output_dir)
 
 
-BUILDERS = {"llava": build_llava}
+BUILDERS = {
+    "llava": build_llava,
+    "qwen2-vl": lambda output_dir, seed: build_qwen(output_dir, seed, "qwen2-vl"),
+    "qwen2.5-vl": lambda output_dir, seed: build_qwen(output_dir, seed, "qwen2.5-vl"),
+    "qwen3-vl": lambda output_dir, seed: build_qwen(output_dir, seed, "qwen3-vl"),
+}
+# `make demo MODEL=qwen-vl` and the recipes name the family by recipe; the default Qwen is 2.5.
+BUILDERS["qwen-vl"] = BUILDERS["qwen2.5-vl"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--family", choices=sorted(BUILDERS), default="llava")
+    parser.add_argument("--family", choices=sorted(BUILDERS), default="llava", help="qwen-vl is qwen2.5-vl")
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -360,7 +360,7 @@ def test_collator_pads_labels_with_ignore_index_and_input_ids_with_pad(processor
     processor = processors_by_name["vicuna"]
     with_image = tokenize_conversation(processor, SINGLE, images(1))  # 17 tokens
     text_only = tokenize_conversation(processor, [user("What color ?"), assistant("red")], [])  # 10 tokens
-    batch = ConversationCollator(pad_token_id=processor.tokenizer.pad_token_id)([with_image, text_only])
+    batch = ConversationCollator(processor)([with_image, text_only])
 
     assert batch["input_ids"][1].tolist() == [1, 7, 8, 18, 19, 20, 9, 8, 21, 2] + [3] * 7
     assert batch["labels"][1].tolist() == [-100] * 8 + [21, 2] + [-100] * 7

@@ -44,6 +44,12 @@ class ModelArguments:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         metadata={"help": "Linear layer names of the language model that get LoRA adapters."},
     )
+    lora_vision_target_modules: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Linear layer names of the vision tower that also get LoRA adapters (none by default)."
+        },
+    )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
     trust_remote_code: bool = field(
         default=False,
@@ -68,6 +74,13 @@ class DataArguments:
     )
     allow_images_outside_root: bool = field(
         default=False, metadata={"help": "Allow absolute image paths and '..' escapes from --image_root."}
+    )
+    guard_text_only_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "Give image-less micro-batches a blank, unlabelled image row so every ZeRO-3 rank runs "
+            "the vision tower (without it, mixed text-only/image data can hang); the loss is unchanged."
+        },
     )
 
 
@@ -106,13 +119,13 @@ def split_config_flag(argv: list[str], default_config: Path) -> tuple[Path, list
     return default_config, argv
 
 
-def read_yaml_config(path: Path) -> dict:
+def read_yaml_config(path: Path, argument_classes=ARGUMENT_CLASSES) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config with a file in recipes/configs/")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a recipe config is a flat mapping of argument names to values")
-    known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
+    known = {f.name for cls in argument_classes for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         hints = [
@@ -123,17 +136,19 @@ def read_yaml_config(path: Path) -> dict:
     return values
 
 
-def parse_recipe_args(default_config: Path, argv: list[str] | None = None):
-    """(ModelArguments, DataArguments, RecipeTrainingArguments) from the YAML config and the command line.
+def parse_recipe_args(default_config: Path, argv: list[str] | None = None, extra_classes: tuple = ()):
+    """(ModelArguments, DataArguments, RecipeTrainingArguments, *extra) from the YAML config and the command
+    line. `extra_classes` are a recipe's own argument dataclasses (e.g. Qwen's pixel caps).
 
     Precision is "auto" (see `auto_precision`) unless bf16 or fp16 is set in the YAML or on the command line;
     on a machine without a GPU ddp_backend defaults to gloo.
     """
+    argument_classes = ARGUMENT_CLASSES + tuple(extra_classes)
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, argv = split_config_flag(argv, default_config)
-    values = read_yaml_config(config_path)
+    values = read_yaml_config(config_path, argument_classes)
     given = set(values) | {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = HfArgumentParser(argument_classes)
     if not given & {"bf16", "fp16"}:
         parser.set_defaults(**auto_precision())
     parser.set_defaults(**auto_backend())
@@ -142,5 +157,4 @@ def parse_recipe_args(default_config: Path, argv: list[str] | None = None):
     for action in parser._actions:
         if action.dest in values:
             action.required = False
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return model_args, data_args, training_args
+    return parser.parse_args_into_dataclasses(args=argv)

@@ -13,7 +13,9 @@ whole file and raised together, each naming the file, the record and the fix.
 """
 
 import json
+import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from torch.utils.data import Dataset
 from vlm_recipes.masking import SampleError, tokenize_conversation
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 LLAVA_ROLES = {
     "human": "user",
     "user": "user",
@@ -56,20 +59,26 @@ def raise_if_problems(problems: list[RecordProblem], what: str) -> None:
 
 
 def split_placeholders(text: str) -> list[dict]:
-    """'<image>\\nWhat?' -> [{"type": "image"}, {"type": "text", "text": "What?"}]."""
+    """'<image>\\nWhat?' -> [{"type": "image"}, {"type": "text", "text": "What?"}]; <video> likewise."""
     parts = []
-    for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if k:
-            parts.append({"type": "image"})
-        if piece.strip():
+    for piece in re.split(f"({IMAGE_PLACEHOLDER}|{VIDEO_PLACEHOLDER})", text):
+        if piece in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+            parts.append({"type": piece[1:-1]})
+        elif piece.strip():
             parts.append({"type": "text", "text": piece.strip()})
     return parts
 
 
-def llava_record_to_messages(record: dict) -> tuple[list[dict], list]:
-    images = record.get("images", [record["image"]] if "image" in record else [])
-    if isinstance(images, str):
-        images = [images]
+def as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def llava_record_to_messages(record: dict) -> tuple[list[dict], list, list]:
+    images = as_list(record.get("images", record.get("image")))
+    # A video is one file or a list of frames, so a single "video" is wrapped, never split.
+    videos = list(record["videos"]) if "videos" in record else [record["video"]] if "video" in record else []
     messages = []
     for turn in record["conversations"]:
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
@@ -78,10 +87,10 @@ def llava_record_to_messages(record: dict) -> tuple[list[dict], list]:
         if role is None:
             raise ValueError(f'unknown role "from": {turn["from"]!r}; use one of {sorted(LLAVA_ROLES)}')
         messages.append({"role": role, "content": split_placeholders(str(turn["value"]))})
-    return messages, list(images)
+    return messages, images, videos
 
 
-def chat_record_to_messages(record: dict) -> tuple[list[dict], list]:
+def chat_record_to_messages(record: dict) -> tuple[list[dict], list, list]:
     messages = []
     for turn in record["messages"]:
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
@@ -96,33 +105,37 @@ def chat_record_to_messages(record: dict) -> tuple[list[dict], list]:
             kind = part.get("type")
             if kind == "text" and part.get("text"):
                 parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image":
-                parts.append({"type": "image"})
+            elif kind in ("image", "video"):
+                parts.append({"type": kind})
             elif kind != "text":
-                raise ValueError(f"unsupported content part type {kind!r}; use 'text' or 'image'")
+                raise ValueError(f"unsupported content part type {kind!r}; use 'text', 'image' or 'video'")
         messages.append({"role": turn["role"], "content": parts})
-    images = record.get("images") or []
-    return messages, list(images) if isinstance(images, list | tuple) else [images]
+    return messages, as_list(record.get("images")), list(record.get("videos") or [])
 
 
-def normalize_record(record: dict) -> tuple[list[dict], list]:
+def normalize_record(record: dict) -> tuple[list[dict], list, list]:
+    """(messages with typed content parts, images, videos) of a LLaVA or chat-format record."""
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
     if "conversations" in record:
-        messages, images = llava_record_to_messages(record)
+        messages, images, videos = llava_record_to_messages(record)
     elif "messages" in record:
-        messages, images = chat_record_to_messages(record)
+        messages, images, videos = chat_record_to_messages(record)
     else:
         raise ValueError('no "conversations" (LLaVA format) or "messages" (chat format) key')
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("the conversation has no assistant turn, so there is nothing to learn")
-    n_placeholders = sum(part["type"] == "image" for m in messages for part in m["content"])
-    if n_placeholders != len(images):
-        raise ValueError(
-            f"{n_placeholders} image placeholder(s) but {len(images)} image(s); put one {IMAGE_PLACEHOLDER} "
-            "in the text (or one {'type': 'image'} part) per image, in order"
-        )
-    return messages, images
+    for kind, media, placeholder in (
+        ("image", images, IMAGE_PLACEHOLDER),
+        ("video", videos, VIDEO_PLACEHOLDER),
+    ):
+        n_placeholders = sum(part["type"] == kind for m in messages for part in m["content"])
+        if n_placeholders != len(media):
+            raise ValueError(
+                f"{n_placeholders} {kind} placeholder(s) but {len(media)} {kind}(s); put one {placeholder} "
+                f"in the text (or one {{'type': '{kind}'}} part) per {kind}, in order"
+            )
+    return messages, images, videos
 
 
 def read_json_records(path: Path) -> tuple[list[tuple[str, object]], list[RecordProblem]]:
@@ -178,6 +191,16 @@ def resolve_image_path(path: str, image_root: Path | None, allow_outside_root: b
     return resolved
 
 
+def resolve_media(media, root: Path | None, allow_outside_root: bool, kind: str = "image"):
+    """A checked file path for a path string; anything else (a decoded `datasets` image) as it is."""
+    if not isinstance(media, str):
+        return media
+    path = resolve_image_path(media, root, allow_outside_root)
+    if not path.is_file():
+        raise ValueError(f"{kind} {path} does not exist; check the path and --image_root")
+    return path
+
+
 def load_records(
     dataset_path: str,
     image_root: str | None = None,
@@ -202,29 +225,21 @@ def load_records(
         record_id = raw.get("id", label) if isinstance(raw, dict) else label
         name = f"{label} (id {record_id})" if isinstance(raw, dict) and "id" in raw else label
         try:
-            messages, images = normalize_record(raw)
-            resolved = []
-            for image in images:
-                if isinstance(image, str):
-                    image_path = resolve_image_path(image, root, allow_images_outside_root)
-                    if not image_path.is_file():
-                        raise ValueError(
-                            f"image {image_path} does not exist; check the path and --image_root"
-                        )
-                    resolved.append(image_path)
-                else:
-                    resolved.append(image)  # already decoded (a `datasets` Image feature)
+            messages, images, videos = normalize_record(raw)
+            resolve = partial(resolve_media, root=root, allow_outside_root=allow_images_outside_root)
+            images = [resolve(image) for image in images]
+            # A video is a list of frames (image paths) or one video file, decoded by the processor.
+            videos = [
+                [resolve(frame, kind="video frame") for frame in video]
+                if isinstance(video, list)
+                else resolve(video, kind="video")
+                for video in videos
+            ]
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             problems.append(RecordProblem(str(dataset_path), name, str(error)))
             continue
-        records.append(
-            {
-                "id": str(record_id),
-                "source": f"{dataset_path}, record {name}",
-                "messages": messages,
-                "images": resolved,
-            }
-        )
+        record = {"id": str(record_id), "source": f"{dataset_path}, record {name}", "messages": messages}
+        records.append({**record, "images": images, "videos": videos})
     raise_if_problems(problems, str(dataset_path))
     if not records:
         raise DataError(f"{dataset_path} holds no records")
@@ -259,6 +274,7 @@ class ConversationDataset(Dataset):
         record = self.records[index]
         try:
             images = [load_image(image) for image in record["images"]]
-            return tokenize_conversation(self.processor, record["messages"], images, self.max_length)
+            videos = [[load_image(f) for f in v] if isinstance(v, list) else str(v) for v in record["videos"]]
+            return tokenize_conversation(self.processor, record["messages"], images, self.max_length, videos)
         except (SampleError, OSError) as error:
             raise DataError(f"{record['source']}: {error}") from error

@@ -122,7 +122,7 @@ def add_special_tokens_for(processor, text: str) -> bool:
 
 
 def tokenize_conversation(
-    processor, messages, images, max_length: int | None = None
+    processor, messages, images, max_length: int | None = None, videos=None
 ) -> dict[str, torch.Tensor]:
     """Model inputs for one conversation: per-token tensors are 1-D, per-image tensors keep their shape."""
     text = render(processor, messages)
@@ -130,9 +130,8 @@ def tokenize_conversation(
     add_special = add_special_tokens_for(processor, text)
     plain = processor.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
     plain_mask = token_mask_from_spans(plain["offset_mapping"], spans)
-    encoded = processor(
-        text=[text], images=images or None, add_special_tokens=add_special, return_tensors="pt"
-    )
+    media = {"images": images or None, **({"videos": videos} if videos else {})}
+    encoded = processor(text=[text], **media, add_special_tokens=add_special, return_tensors="pt")
 
     sample = {key: value[0] if key in PER_TOKEN_KEYS else value for key, value in encoded.items()}
     input_ids = sample["input_ids"]

@@ -4,6 +4,7 @@ config, and saving a model that loads with `from_pretrained`."""
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -83,6 +84,15 @@ def log_trainable_parameters(model: torch.nn.Module) -> str:
     return line
 
 
+def lora_target_pattern(linear_names_by_module: dict[str, list[str]]) -> str:
+    """A PEFT `target_modules` regex: the named linear layers inside each listed module (by path prefix)."""
+    return "|".join(
+        rf"{re.escape(prefix)}\..*\.({'|'.join(names)})"
+        for prefix, names in linear_names_by_module.items()
+        if names
+    )
+
+
 def training_dtype(training_args) -> torch.dtype:
     if training_args.bf16:
         return torch.bfloat16
@@ -111,3 +121,19 @@ class ResolvedDeepSpeedConfigCallback(TrainerCallback):
         print(
             f"DeepSpeed config as resolved for this run (world size {args.world_size}):\n{text}", flush=True
         )
+
+
+def finish_run(trainer) -> None:
+    """End the process once every rank is done writing, and skip the interpreter's teardown.
+
+    A rank that leaves early can be torn down by the launcher while rank 0 is still writing the model, and
+    at interpreter exit a library thread sometimes aborts the process ("terminate called without an active
+    exception", seen on CPU over gloo about once in ten 2-process runs) after everything was saved, which
+    turns a finished run into a failed launch. So: wait for all ranks, close the trackers and the process
+    group, flush, and exit 0 without running C++ static destructors.
+    """
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,0 +1,169 @@
+"""Fine-tune a Qwen-VL model (Qwen2-VL, Qwen2.5-VL or Qwen3-VL dense: vision tower, merger, language model)
+with the HF Trainer under DeepSpeed ZeRO-3 with CPU offload.
+
+Launch (from the repository root):
+
+    accelerate launch --config_file accelerate_configs/zero3_offload.yaml recipes/qwen_vl.py
+    accelerate launch --config_file accelerate_configs/zero3_offload.yaml --num_processes 4 recipes/qwen_vl.py \
+        --config recipes/configs/qwen_vl_lora.yaml --dataset_path data/train.jsonl --image_root data/images
+    make train MODEL=qwen-vl CONFIG=recipes/configs/qwen_vl_3b.yaml ARGS="--max_pixels 401408"
+
+Configs: qwen_vl.yaml (Qwen2.5-VL-7B-Instruct: merger + language model, vision tower frozen), qwen_vl_3b.yaml
+(the same for Qwen2.5-VL-3B), qwen_vl_lora.yaml (LoRA on the language model, merger trained),
+qwen_vl_demo.yaml (the tiny CPU demo). Any field can be overridden on the command line by its name.
+--min_pixels / --max_pixels cap each image's resolution, and so its number of tokens: the main GPU-memory knob
+for these models. Re-running the same command resumes from the last complete checkpoint in output_dir.
+
+Tested: 2 CPU processes over gloo (tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL, tests/test_qwen_vl_recipe.py).
+The original 2023 Qwen-VL exists only as remote code for old transformers and is not supported.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, Trainer
+
+from vlm_recipes.collator import ConversationCollator
+from vlm_recipes.config import ConfigError, parse_recipe_args
+from vlm_recipes.data import ConversationDataset, load_records
+from vlm_recipes.training import (
+    ResolvedDeepSpeedConfigCallback,
+    finish_run,
+    log_trainable_parameters,
+    lora_target_pattern,
+    prepare_output_dir,
+    set_requires_grad,
+    training_dtype,
+)
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen_vl.yaml"
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # MODEL-SPECIFIC
+
+
+@dataclass
+class QwenImageArguments:  # MODEL-SPECIFIC: Qwen's image processor resizes to a pixel budget
+    min_pixels: int | None = field(
+        default=None, metadata={"help": "Smallest image area in pixels (multiple of 28x28)."}
+    )
+    max_pixels: int | None = field(
+        default=None, metadata={"help": "Largest image area in pixels; each 28x28 block is one image token."}
+    )
+
+
+def main():
+    # ---- arguments ------------------------------------------------------------------------------------------
+    # TrainingArguments come first: under ZeRO-3 they switch on partitioned model construction (zero.Init).
+    model_args, data_args, training_args, image_args = parse_recipe_args(
+        DEFAULT_CONFIG, extra_classes=(QwenImageArguments,)
+    )
+    resume_from = prepare_output_dir(training_args)
+
+    # ---- data (read and checked before any weights are loaded) -----------------------------------------------
+    train_records = load_records(
+        data_args.dataset_path,
+        data_args.image_root,
+        data_args.dataset_split,
+        data_args.allow_images_outside_root,
+    )
+    eval_records = (
+        load_records(
+            data_args.eval_dataset_path,
+            data_args.image_root,
+            "validation",
+            data_args.allow_images_outside_root,
+        )
+        if data_args.eval_dataset_path
+        else None
+    )
+
+    # ---- model + processor ------------------------------------------------------------------------------------
+    model_type = AutoConfig.from_pretrained(model_args.model_name_or_path).model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/qwen_vl.py trains "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
+        )
+    processor = AutoProcessor.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+    if image_args.min_pixels or image_args.max_pixels:  # MODEL-SPECIFIC: the pixel budget is the image size
+        size = processor.image_processor.size
+        pixel_caps = {
+            "shortest_edge": image_args.min_pixels or size.shortest_edge,
+            "longest_edge": image_args.max_pixels or size.longest_edge,
+        }
+        processor = AutoProcessor.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, size=pixel_caps
+        )
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=training_dtype(training_args),
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+    # MODEL-SPECIFIC: the vision tower is model.visual, whose merger (Qwen3-VL: also its deepstack mergers)
+    # projects image features into the language model; set the tower first, then the merger.
+    mergers = [name for name in ("merger", "deepstack_merger_list") if hasattr(model.model.visual, name)]
+    set_requires_grad(model.model.visual, not model_args.freeze_vision_tower)
+    for name in mergers:
+        set_requires_grad(getattr(model.model.visual, name), not model_args.freeze_projector)
+    set_requires_grad(model.model.language_model, not model_args.freeze_language_model)
+    set_requires_grad(model.lm_head, not model_args.freeze_language_model)
+
+    if model_args.use_lora:
+        lora_config = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            # MODEL-SPECIFIC: the module paths of the language model and the vision tower.
+            target_modules=lora_target_pattern(
+                {
+                    "model.language_model": model_args.lora_target_modules,
+                    "model.visual.blocks": model_args.lora_vision_target_modules,
+                }
+            ),
+            # The merger is trained in full and saved with the adapter unless it is frozen.
+            modules_to_save=[] if model_args.freeze_projector else mergers,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora_config)
+    if training_args.gradient_checkpointing:
+        # Reentrant checkpointing needs an input that requires grad even when the embeddings are frozen.
+        model.enable_input_require_grads()
+    log_trainable_parameters(model)
+
+    # ---- data + collator --------------------------------------------------------------------------------------
+    train_dataset = ConversationDataset(train_records, processor, data_args.max_length)
+    eval_dataset = (
+        ConversationDataset(eval_records, processor, data_args.max_length) if eval_records else None
+    )
+    # Pads input_ids, labels, attention_mask and mm_token_type_ids (which transformers 5 requires next to
+    # image_grid_thw); concatenates pixel_values and the image/video grids.
+    collator = ConversationCollator(processor, guard_text_only_batches=data_args.guard_text_only_batches)
+
+    # ---- trainer ------------------------------------------------------------------------------------------------
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[ResolvedDeepSpeedConfigCallback()],
+    )
+
+    # ---- train --------------------------------------------------------------------------------------------------
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    # ---- save ---------------------------------------------------------------------------------------------------
+    # With stage3_gather_16bit_weights_on_model_save the full weights are gathered from all ranks and written
+    # as safetensors (or just the adapter, for LoRA), next to the processor.
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    finish_run(trainer)  # all ranks done writing, then a clean exit (see its docstring)
+
+
+if __name__ == "__main__":
+    main()
