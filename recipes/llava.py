@@ -13,7 +13,7 @@ llava_lora.yaml (LoRA on the language model, projector trained), llava_pretrain.
 only), llava_demo.yaml (the tiny CPU demo). Any field can be overridden on the command line by its name.
 Re-running the same command resumes from the last complete checkpoint in output_dir.
 
-Tested: 2 CPU processes over gloo (tiny model, tests/test_llava_recipe.py); see docs/benchmarks.md for GPUs.
+Tested: 2 CPU processes over gloo (tiny model, tests/test_llava_recipe.py).
 To fine-tune another LLaVA-architecture model, copy this file and its YAML: the lines marked MODEL-SPECIFIC
 are the ones to change.
 """

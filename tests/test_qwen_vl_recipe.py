@@ -2,6 +2,7 @@
 tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL (loss falls, saved model equals the trained weights), LoRA, pixel caps,
 and the mixed text-only / image batch guard."""
 
+import importlib.util
 import json
 
 import pytest
@@ -92,6 +93,35 @@ def test_text_only_batch_guard_keeps_the_loss(tiny_model):
     assert guarded["input_ids"].shape[0] == 3 and (guarded["labels"][2] == IGNORE_INDEX).all()
     with torch.no_grad():
         torch.testing.assert_close(model(**guarded).loss, model(**plain).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_video_as_frames_trains_and_a_video_file_without_decoder_names_the_record(tiny_model, tmp_path):
+    from vlm_recipes.data import ConversationDataset, DataError, load_records
+
+    for k in range(4):
+        Image.new("RGB", (64, 64), (60 * k, 0, 0)).save(tmp_path / f"frame{k}.png")
+    frames = [f"frame{k}.png" for k in range(4)]
+    (tmp_path / "clip.mp4").write_bytes(b"not decodable here")
+    records = [
+        {"id": "frames", "video": frames, "conversations": [
+            {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "it gets red"}]},
+        {"id": "file", "videos": ["clip.mp4"], "conversations": [
+            {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "nothing"}]},
+    ]  # fmt: skip
+    (tmp_path / "videos.json").write_text(json.dumps(records))
+    path = tiny_model("qwen2.5-vl")
+    processor = AutoProcessor.from_pretrained(path)
+    dataset = ConversationDataset(load_records(str(tmp_path / "videos.json"), str(tmp_path)), processor, 256)
+    sample = dataset[0]
+    assert int((sample["input_ids"] == processor.video_token_id).sum()) == 8  # 4 frames -> 2 x 2x2 tokens
+    batch = ConversationCollator(processor)([sample])
+    assert "pixel_values" not in batch  # a video batch runs the vision tower already: no guard row
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    assert torch.isfinite(model(**batch).loss)
+    decodable = any(importlib.util.find_spec(name) for name in ("torchcodec", "av", "decord", "cv2"))
+    if not decodable:
+        with pytest.raises(DataError, match=r"record #1 \(id file\)"):
+            dataset[1]
 
 
 def recipe_args(model_dir, demo_data, output_dir, *extra):

@@ -276,5 +276,5 @@ class ConversationDataset(Dataset):
             images = [load_image(image) for image in record["images"]]
             videos = [[load_image(f) for f in v] if isinstance(v, list) else str(v) for v in record["videos"]]
             return tokenize_conversation(self.processor, record["messages"], images, self.max_length, videos)
-        except (SampleError, OSError) as error:
+        except (SampleError, OSError, ImportError) as error:  # ImportError: no video decoder installed
             raise DataError(f"{record['source']}: {error}") from error
