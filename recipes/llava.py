@@ -1,4 +1,4 @@
-"""Fine-tune a LLaVA model (LLaVA-1.5 layout: vision tower, projector, language model) with the HF Trainer
+r"""Fine-tune a LLaVA model (LLaVA-1.5 layout: vision tower, projector, language model) with the HF Trainer
 under DeepSpeed ZeRO-3 with CPU offload.
 
 Launch (from the repository root):

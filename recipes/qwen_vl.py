@@ -1,4 +1,4 @@
-"""Fine-tune a Qwen-VL model (Qwen2-VL, Qwen2.5-VL or Qwen3-VL dense: vision tower, merger, language model)
+r"""Fine-tune a Qwen-VL model (Qwen2-VL, Qwen2.5-VL or Qwen3-VL dense: vision tower, merger, language model)
 with the HF Trainer under DeepSpeed ZeRO-3 with CPU offload.
 
 Launch (from the repository root):

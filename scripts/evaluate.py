@@ -1,4 +1,4 @@
-"""Answer every question of a data file with a trained model and score exact-match accuracy.
+r"""Answer every question of a data file with a trained model and score exact-match accuracy.
 
     python scripts/evaluate.py --model_name_or_path runs/demo/llava-finetuned \
         --dataset_path runs/demo/data/test.json --image_root runs/demo/data

@@ -56,6 +56,12 @@ class ModelArguments:
         metadata={"help": "Run Python code shipped with the checkpoint. Off unless you trust it."},
     )
 
+    def __post_init__(self):
+        # A local folder is recorded by absolute path (in the saved config and a LoRA adapter's
+        # base_model_name_or_path), so the output loads from any working directory.
+        if os.path.isdir(self.model_name_or_path):
+            self.model_name_or_path = os.path.abspath(self.model_name_or_path)
+
 
 @dataclass
 class DataArguments:

@@ -6,7 +6,9 @@ Accepted inputs (`--dataset_path`):
   "value": "<image>\\nWhat is this?"}, ...]}, image paths relative to `--image_root`;
 - the chat format, from the same files or from a `datasets` folder (`save_to_disk`) or name:
   {"messages": [{"role": "user" | "assistant" | "system", "content": "text" | [{"type": "image"},
-  {"type": "text", "text": ...}]}], "images": [path or image, ...]}.
+  {"type": "text", "text": ...}]}], "images": [path or image, ...]};
+- CheXinstruct-style records (CheXagent): {"image_path": "a.png" | [...], "qa_pair": {"q": ..., "a": ...} | [...]}
+  or {"image_path": ..., "text": ..., "target_text": ...} (docs/chexagent.md).
 
 Every record becomes {"id", "messages" (typed content parts), "images"}; problems are collected over the
 whole file and raised together, each naming the file, the record and the fix.
@@ -113,16 +115,58 @@ def chat_record_to_messages(record: dict) -> tuple[list[dict], list, list]:
     return messages, as_list(record.get("images")), list(record.get("videos") or [])
 
 
+def chexinstruct_record_to_messages(record: dict) -> tuple[list[dict], list, list]:
+    """A CheXinstruct-style record: "image_path" (one path, or a list such as the views of one study) and either
+    "qa_pair" ({"q", "a"}, or a list of them: one user/assistant turn each) or "text" (the instruction) with
+    "target_text" (the answer). When both are present "qa_pair" wins: CheXinstruct's closed-ended questions
+    keep their answer there and leave "target_text" empty. The images go before the first question."""
+    image_path = record.get("image_path")
+    images = as_list(image_path) if image_path else []  # CheXinstruct's text-only tasks leave it empty
+    qa_pair = record.get("qa_pair")
+    if qa_pair is not None:
+        turns = []
+        for k, pair in enumerate(as_list(qa_pair)):
+            question, answer = (pair.get("q"), pair.get("a")) if isinstance(pair, dict) else (None, None)
+            if not (
+                isinstance(question, str) and question.strip() and isinstance(answer, str) and answer.strip()
+            ):
+                where = f"qa_pair[{k}]" if isinstance(qa_pair, list) else "qa_pair"
+                raise ValueError(f'{where} must be {{"q": question, "a": answer}} with non-empty strings')
+            turns.append((question, answer))
+        if not turns:
+            raise ValueError('"qa_pair" is an empty list; give at least one {"q": question, "a": answer}')
+    else:
+        question, answer = record.get("text"), record.get("target_text")
+        if not (
+            isinstance(question, str) and question.strip() and isinstance(answer, str) and answer.strip()
+        ):
+            raise ValueError(
+                'a CheXinstruct record needs "qa_pair", or "text" (the instruction) and "target_text" (the '
+                "answer), as non-empty strings"
+            )
+        turns = [(question, answer)]
+    messages = []
+    for k, (question, answer) in enumerate(turns):
+        media = [{"type": "image"}] * len(images) if k == 0 else []
+        messages.append({"role": "user", "content": [*media, {"type": "text", "text": question.strip()}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]})
+    return messages, images, []
+
+
 def normalize_record(record: dict) -> tuple[list[dict], list, list]:
-    """(messages with typed content parts, images, videos) of a LLaVA or chat-format record."""
+    """(messages with typed content parts, images, videos) of a LLaVA, chat or CheXinstruct record."""
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
     if "conversations" in record:
         messages, images, videos = llava_record_to_messages(record)
     elif "messages" in record:
         messages, images, videos = chat_record_to_messages(record)
+    elif any(key in record for key in ("qa_pair", "text", "target_text")):
+        messages, images, videos = chexinstruct_record_to_messages(record)
     else:
-        raise ValueError('no "conversations" (LLaVA format) or "messages" (chat format) key')
+        raise ValueError(
+            'no "conversations" (LLaVA format), "messages" (chat format) or "qa_pair" / "text" (CheXinstruct) key'
+        )
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("the conversation has no assistant turn, so there is nothing to learn")
     for kind, media, placeholder in (

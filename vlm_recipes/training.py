@@ -15,7 +15,13 @@ from vlm_recipes.config import ConfigError
 
 logger = logging.get_logger("vlm_recipes")
 
-FINISHED_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+# Weights, or the trainer_state.json the recipe writes at the top of output_dir only when training ends.
+FINISHED_MODEL_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "trainer_state.json",
+)
 RESOLVED_DS_CONFIG_NAME = "ds_config_resolved.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 

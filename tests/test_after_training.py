@@ -1,0 +1,247 @@
+"""What users do in the hour after a fine-tune, run the way they run it: ask the model a question
+(scripts/infer.py), merge a LoRA adapter (scripts/merge_lora.py), convert a ZeRO-3 checkpoint of a real
+2-process run (scripts/zero_to_hf.py), plot the training curves (scripts/plot_training.py)."""
+
+import importlib.util
+import json
+import math
+import shutil
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from tests.conftest import REPO, launch_recipe, run_command
+from vlm_recipes.inference import load_for_inference, user_turn
+from vlm_recipes.masking import add_special_tokens_for, render
+
+SCRIPTS = ("infer.py", "merge_lora.py", "zero_to_hf.py", "plot_training.py")
+
+
+def load_script(name: str):
+    """A script of scripts/ as a module, to call its functions directly (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def model_inputs(processor, image_path) -> dict:
+    text = render(processor, user_turn("What color is the shape? Answer with one word.", 1), True)
+    return processor(
+        text=[text],
+        images=[Image.open(image_path).convert("RGB")],
+        add_special_tokens=add_special_tokens_for(processor, text),
+        return_tensors="pt",
+    )
+
+
+@torch.no_grad()
+def logits_of(model, inputs) -> torch.Tensor:
+    return model.eval()(**inputs).logits
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_explains_the_script(script):
+    result = run_command([sys.executable, f"scripts/{script}", "--help"], timeout=120)
+    assert f"python scripts/{script}" in result.stdout  # the docstring's example command
+    assert "usage:" in result.stdout and "options:" in result.stdout
+
+
+# ---- inference --------------------------------------------------------------------------------------------------
+
+
+def test_infer_prints_an_answer(tiny_llava, demo_data):
+    image = sorted((demo_data / "images").glob("test_*.png"))[0]
+    result = run_command(
+        [sys.executable, "scripts/infer.py", "--model_name_or_path", tiny_llava, "--image", image,
+         "--prompt", "What color is the shape? Answer with one word.", "--max_new_tokens", "4"],
+        timeout=120,
+    )  # fmt: skip
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("answer:")  # the random tiny model's answer is noise, but it is one
+
+
+def test_infer_names_a_missing_image_and_a_folder_without_a_model(tiny_llava, tmp_path):
+    missing = tmp_path / "missing.png"
+    result = run_command(
+        [sys.executable, "scripts/infer.py", "--model_name_or_path", tiny_llava, "--image", missing,
+         "--prompt", "?"],
+        check=False, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0 and str(missing) in result.stderr and "--image" in result.stderr
+    (tmp_path / "checkpoint-5").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a model.*checkpoint-5"):
+        load_for_inference(str(tmp_path), device="cpu")
+
+
+# ---- LoRA merge -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tiny_llava, tmp_path_factory):
+    """A LoRA adapter on the tiny model, as recipes/llava.py configures it (language-model linear layers,
+    projector in modules_to_save), with lora_B and the projector randomised so that merging changes the
+    model a lot: a zero lora_B, as PEFT initialises it, would make any merge look right."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_llava)
+    config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
+        target_modules=r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        modules_to_save=["multi_modal_projector"],
+    )  # fmt: skip
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    path = tmp_path_factory.mktemp("lora") / "adapter"
+    model.save_pretrained(path)
+    AutoProcessor.from_pretrained(tiny_llava).save_pretrained(path)  # as the Trainer saves the processor
+    return path
+
+
+def test_merged_lora_reloads_and_matches_base_plus_adapter(lora_adapter, tiny_llava, demo_data, tmp_path):
+    merged_dir = tmp_path / "merged"
+    result = run_command(
+        [sys.executable, "scripts/merge_lora.py", "--adapter", lora_adapter, "--output_dir", merged_dir],
+        timeout=180,
+    )
+    assert "merge check: max |logit difference|" in result.stdout
+    assert not (merged_dir / "adapter_config.json").exists()
+    merged, info = LlavaForConditionalGeneration.from_pretrained(merged_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    processor = AutoProcessor.from_pretrained(merged_dir)
+    assert (
+        processor.tokenizer.padding_side == AutoProcessor.from_pretrained(tiny_llava).tokenizer.padding_side
+    )
+
+    inputs = model_inputs(processor, sorted((demo_data / "images").glob("test_*.png"))[0])
+    with_adapter, _ = load_for_inference(str(lora_adapter), device="cpu")
+    expected = logits_of(with_adapter, inputs)
+    actual = logits_of(merged, inputs)
+    base = logits_of(LlavaForConditionalGeneration.from_pretrained(tiny_llava), inputs)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert (base - expected).abs().max() > 0.1  # the adapter matters, so the match above means something
+
+
+def test_merge_lora_refuses_a_folder_without_adapter(tiny_llava, tmp_path):
+    result = run_command(
+        [sys.executable, "scripts/merge_lora.py", "--adapter", tiny_llava, "--output_dir", tmp_path / "out"],
+        check=False, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"{tiny_llava} has no adapter_config.json" in result.stderr and "nothing to merge" in result.stderr
+
+
+# ---- ZeRO checkpoint conversion (one real 2-process ZeRO-3 run) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tiny_llava, demo_data, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("zero3") / "run"
+    launch_recipe(
+        "llava.py",
+        [
+            "--config", "recipes/configs/llava_demo.yaml", "--model_name_or_path", tiny_llava,
+            "--dataset_path", demo_data / "train.json", "--image_root", demo_data, "--output_dir", output_dir,
+            "--overwrite_output_dir", "false", "--max_steps", "10", "--per_device_train_batch_size", "4",
+            "--logging_steps", "2", "--save_strategy", "steps", "--save_steps", "10",
+            "--include_num_input_tokens_seen", "true",  # so that the plot has a throughput curve
+        ],
+    )  # fmt: skip
+    return output_dir
+
+
+@pytest.mark.distributed
+def test_zero_to_hf_converts_a_shard_only_checkpoint(zero3_run, tmp_path):
+    checkpoint = zero3_run / "checkpoint-10"
+    # As a checkpoint written with 16-bit gathering off: DeepSpeed's shards, config and processor, no weights.
+    shards_only = tmp_path / "checkpoint-10"
+    shutil.copytree(checkpoint, shards_only, ignore=shutil.ignore_patterns("model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="ZeRO shards only: python scripts/zero_to_hf.py"):
+        load_for_inference(str(shards_only), device="cpu")
+
+    converted = tmp_path / "converted"
+    result = run_command([sys.executable, "scripts/zero_to_hf.py", shards_only, converted], timeout=180)
+    assert json.loads(result.stdout.strip().splitlines()[-1])["kind"] == "model"
+    reloaded, info = LlavaForConditionalGeneration.from_pretrained(converted, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    # fp32 training: the 16-bit-gathered save and DeepSpeed's fp32 master weights are the same numbers.
+    gathered = LlavaForConditionalGeneration.from_pretrained(checkpoint).state_dict()
+    converted_weights = reloaded.state_dict()
+    assert set(converted_weights) == set(gathered)
+    for name, tensor in gathered.items():
+        torch.testing.assert_close(converted_weights[name], tensor, rtol=0, atol=0, msg=name)
+    for name in ("generation_config.json", "processor_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (converted / name).is_file(), name
+    AutoProcessor.from_pretrained(converted)
+
+
+@pytest.mark.distributed
+def test_zero_to_hf_explains_a_folder_without_shards(zero3_run):
+    zero_to_hf = load_script("zero_to_hf")
+    with pytest.raises(
+        zero_to_hf.ConversionError, match="no global_step.*pass one of its checkpoints \\(checkpoint-10\\)"
+    ):
+        zero_to_hf.find_tag(zero3_run, None)  # the output_dir, whose final save was gathered
+    with pytest.raises(zero_to_hf.ConversionError, match="global_step99 does not exist.*global_step10"):
+        zero_to_hf.find_tag(zero3_run / "checkpoint-10", "global_step99")
+
+
+@pytest.mark.distributed
+def test_plot_of_a_real_run_has_throughput(zero3_run):
+    run_command([sys.executable, "scripts/plot_training.py", zero3_run], timeout=120)
+    with Image.open(zero3_run / "training_curves.png") as image:
+        assert image.size == (1440, 960)
+    state = json.loads((zero3_run / "trainer_state.json").read_text())
+    assert any("train_tokens_per_second" in entry for entry in state["log_history"])
+
+
+# ---- training plots ---------------------------------------------------------------------------------------------
+
+
+def realistic_state(steps: int = 300, logging_steps: int = 10, eval_steps: int = 50) -> dict:
+    """A trainer_state.json as the Trainer writes it: step logs, eval logs and the final summary."""
+    history = []
+    for step in range(logging_steps, steps + 1, logging_steps):
+        warmup = min(1.0, step / 30)
+        history.append({
+            "epoch": step / 100, "step": step, "loss": 0.08 + 5 * math.exp(-step / 40),
+            "learning_rate": 2e-5 * warmup * 0.5 * (1 + math.cos(math.pi * step / steps)),
+            "grad_norm": 0.3 + 4 * math.exp(-step / 60) + 0.2 * math.sin(step),
+            "num_input_tokens_seen": step * 4096, "train_tokens_per_second": 5200 - 900 * math.exp(-step / 20),
+        })  # fmt: skip
+        if step % eval_steps == 0:
+            history.append({"epoch": step / 100, "step": step, "eval_loss": 0.15 + 4 * math.exp(-step / 45)})
+    history.append(
+        {
+            "epoch": 3.0,
+            "step": steps,
+            "train_loss": 0.9,
+            "train_runtime": 812.5,
+            "train_samples_per_second": 11.8,
+        }
+    )
+    return {"global_step": steps, "epoch": 3.0, "log_history": history}
+
+
+def test_plot_training_writes_a_png_next_to_the_state(tmp_path):
+    (tmp_path / "trainer_state.json").write_text(json.dumps(realistic_state()))
+    result = run_command([sys.executable, "scripts/plot_training.py", tmp_path], timeout=120)
+    png = tmp_path / "training_curves.png"
+    assert result.stdout.strip() == str(png)
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (1440, 960)
+        assert len(image.convert("L").getcolors(maxcolors=1 << 16) or []) > 20  # lines and text, not blank
+
+
+def test_plot_training_names_a_folder_without_state(tmp_path):
+    result = run_command([sys.executable, "scripts/plot_training.py", tmp_path], check=False, timeout=120)
+    assert result.returncode != 0 and f"no trainer_state.json in {tmp_path}" in result.stderr
