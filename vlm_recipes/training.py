@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from vlm_recipes.config import ConfigError
+from vlm_recipes.ds_config import auto_keys, describe_resolution, text_hidden_size
 
 logger = logging.get_logger("vlm_recipes")
 
@@ -108,10 +109,10 @@ def training_dtype(training_args) -> torch.dtype:
 
 
 class ResolvedDeepSpeedConfigCallback(TrainerCallback):
-    """Print the DeepSpeed config exactly as DeepSpeed received it (every "auto" replaced) and write it to
-    output_dir/ds_config_resolved.json."""
+    """Print the DeepSpeed config exactly as DeepSpeed received it (every "auto" replaced, each with where
+    its value came from) and write it to output_dir/ds_config_resolved.json."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         from accelerate.state import AcceleratorState
 
         plugin = AcceleratorState().deepspeed_plugin
@@ -119,7 +120,7 @@ class ResolvedDeepSpeedConfigCallback(TrainerCallback):
             return
         config = plugin.deepspeed_config
         text = json.dumps(config, indent=2, sort_keys=True)
-        unresolved = re.findall(r'"([^"]+)": "auto"', text)
+        unresolved = auto_keys(config)
         if unresolved:
             logger.warning(f"DeepSpeed config still has 'auto' values: {unresolved}")
         os.makedirs(args.output_dir, exist_ok=True)
@@ -127,6 +128,12 @@ class ResolvedDeepSpeedConfigCallback(TrainerCallback):
         print(
             f"DeepSpeed config as resolved for this run (world size {args.world_size}):\n{text}", flush=True
         )
+        original_path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # set by accelerate launch
+        if original_path and Path(original_path).is_file():
+            original = json.loads(Path(original_path).read_text())
+            hidden_size = text_hidden_size(model.config) if model is not None else None
+            print(f'Where each "auto" of {original_path} came from:', flush=True)
+            print(describe_resolution(original, config, hidden_size), flush=True)
 
 
 def finish_run(trainer) -> None:

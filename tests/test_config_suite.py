@@ -1,0 +1,115 @@
+"""Every shipped accelerate/DeepSpeed config pair that can run on CPU trains the tiny LLaVA on 2 processes and
+saves a loadable model; scripts/show_ds_config.py shows exactly the config a run handed to DeepSpeed; the
+multi-node config runs as 2 machines x 1 process over loopback through scripts/launch_slurm.sh."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+from transformers import LlavaForConditionalGeneration
+
+from tests.conftest import QUIET_ENV, REPO, free_port, launch_recipe, logged_losses, run_command
+
+pytestmark = pytest.mark.distributed
+
+DEEPSPEED_CONFIGS = ["zero2", "zero2_offload", "zero3", "zero3_offload", "zero3_offload_optimizer"]
+OTHER_CONFIGS = ["multi_gpu", "fsdp2", "single_gpu"]
+
+
+def demo_args(tiny_llava, demo_data, output_dir, *extra):
+    return [
+        "--config", "recipes/configs/llava_demo.yaml", "--model_name_or_path", tiny_llava,
+        "--dataset_path", demo_data / "train.json", "--image_root", demo_data, "--output_dir", output_dir,
+        "--max_steps", "3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+        "--learning_rate", "1e-3", "--logging_steps", "1", *extra,
+    ]  # fmt: skip
+
+
+def launch_with(config: str, args: list, num_processes: int = 2):
+    command = [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+        "--config_file", REPO / "accelerate_configs" / f"{config}.yaml", "--num_processes", num_processes,
+        "--main_process_port", free_port(), REPO / "recipes" / "llava.py", *args,
+    ]  # fmt: skip
+    return run_command(command)
+
+
+@pytest.mark.parametrize("config", DEEPSPEED_CONFIGS)
+def test_deepspeed_config_trains_and_show_ds_config_matches_the_run(tiny_llava, demo_data, tmp_path, config):
+    output_dir = tmp_path / config
+    args = demo_args(tiny_llava, demo_data, output_dir)
+    if config == "zero3_offload":
+        launch_recipe("llava.py", args)  # the default config, through the tests' usual launcher
+    else:
+        launch_with(config, args)
+    assert sorted(logged_losses(output_dir)) == [1, 2, 3]
+    LlavaForConditionalGeneration.from_pretrained(output_dir)  # full weights, whatever the ZeRO stage
+    used = json.loads((output_dir / "ds_config_resolved.json").read_text())
+    shown = run_command(
+        [sys.executable, "scripts/show_ds_config.py", "--recipe", "llava", "--world_size", "2", "--json",
+         "--accelerate_config", f"accelerate_configs/{config}.yaml", "--", *args]
+    )  # fmt: skip
+    assert json.loads(shown.stdout) == used
+
+
+@pytest.mark.parametrize("config", OTHER_CONFIGS)
+def test_other_accelerate_configs_train(tiny_llava, demo_data, tmp_path, config):
+    output_dir = tmp_path / config
+    launch_with(
+        config, demo_args(tiny_llava, demo_data, output_dir), num_processes=1 if config == "single_gpu" else 2
+    )
+    assert sorted(logged_losses(output_dir)) == [1, 2, 3]
+    assert not (output_dir / "ds_config_resolved.json").exists()  # no DeepSpeed here
+    LlavaForConditionalGeneration.from_pretrained(output_dir)
+
+
+def test_show_ds_config_explains_each_auto_offline():
+    result = run_command([sys.executable, "scripts/show_ds_config.py", "--recipe", "llava", "--world_size", "8",
+                          "--", "--bf16", "true"])  # fmt: skip
+    out = result.stdout
+    assert (
+        "train_batch_size = 128    <- world size x per_device_train_batch_size x gradient_accumulation_steps"
+        in out
+    )
+    assert "zero_optimization.reduce_bucket_size = 16777216" in out and "(hidden_size = 4096)" in out
+    assert "bf16.enabled = true" in out
+
+
+def fake_slurm_tools(bin_dir):
+    """srun that starts its command once per node, in parallel, as Slurm would; scontrol that names the nodes."""
+    scripts = {
+        "srun": "#!/usr/bin/env bash\nshift  # --kill-on-bad-exit=1\npids=()\n"
+        'for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node "$@" & pids+=($!); done\n'
+        'status=0; for pid in "${pids[@]}"; do wait $pid || status=1; done; exit $status\n',
+        "scontrol": "#!/usr/bin/env bash\necho 127.0.0.1\necho 127.0.0.1\n",
+    }
+    for name, text in scripts.items():
+        path = bin_dir / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_multi_node_config_on_loopback_through_launch_slurm(tiny_llava, demo_data, tmp_path):
+    fake_slurm_tools(tmp_path)
+    output_dir = tmp_path / "multi-node"
+    env = {
+        **os.environ, **QUIET_ENV, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "node[0-1]", "GPUS_PER_NODE": "1", "MAIN_PORT": str(free_port()),
+        "PYTHON": sys.executable, "SLURM_SUBMIT_DIR": str(REPO),
+    }  # fmt: skip
+    command = [
+        "bash",
+        "scripts/launch_slurm.sh",
+        "recipes/llava.py",
+        *demo_args(tiny_llava, demo_data, output_dir),
+    ]
+    result = subprocess.run(
+        [str(c) for c in command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "DeepSpeed config as resolved for this run (world size 2)" in result.stdout
+    assert sorted(logged_losses(output_dir)) == [1, 2, 3]
+    LlavaForConditionalGeneration.from_pretrained(output_dir)

@@ -1,0 +1,111 @@
+"""What each "auto" of a DeepSpeed config becomes, and where the value comes from.
+
+Used two ways with the same code: `scripts/show_ds_config.py` resolves a config offline (no training, no GPU)
+through the same accelerate and transformers classes a run uses, and every recipe's
+ResolvedDeepSpeedConfigCallback prints the config a run really handed to DeepSpeed with the same annotations.
+"""
+
+import json
+from pathlib import Path
+
+# Where transformers' Trainer (integrations/deepspeed.py) and accelerate's DeepSpeedPlugin take each value.
+AUTO_SOURCES = {
+    "train_micro_batch_size_per_gpu": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "train_batch_size": "world size x per_device_train_batch_size x gradient_accumulation_steps",
+    "gradient_clipping": "max_grad_norm",
+    "optimizer.params.lr": "learning_rate",
+    "optimizer.params.betas": "[adam_beta1, adam_beta2]",
+    "optimizer.params.eps": "adam_epsilon",
+    "optimizer.params.weight_decay": "weight_decay",
+    "fp16.enabled": "fp16 (the recipe's precision choice)",
+    "bf16.enabled": "bf16 (the recipe's precision choice)",
+    "scheduler.params.warmup_min_lr": "0 (fixed by transformers)",
+    "scheduler.params.warmup_max_lr": "learning_rate",
+    "scheduler.params.total_num_steps": "number of optimizer steps (max_steps, or epochs x steps per epoch)",
+    "scheduler.params.warmup_num_steps": "warmup_steps (at least 1)",
+    "zero_optimization.reduce_bucket_size": "hidden_size x hidden_size",
+    "zero_optimization.stage3_prefetch_bucket_size": "0.9 x hidden_size x hidden_size",
+    "zero_optimization.stage3_param_persistence_threshold": "10 x hidden_size",
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": "accelerate: false (no loadable weights!)",
+    "zero_optimization.offload_param.device": 'accelerate: "none"',
+    "zero_optimization.offload_optimizer.device": 'accelerate: "none"',
+}
+
+
+# Text hidden sizes of the recipes' default models, so their configs resolve with no hub access (from each
+# model's published config.json: LLaMA-2-7B/Vicuna, Qwen2.5-7B, Qwen2.5-3B, Phi-2).
+KNOWN_TEXT_HIDDEN_SIZES = {
+    "llava-hf/llava-1.5-7b-hf": 4096,
+    "Qwen/Qwen2.5-VL-7B-Instruct": 3584,
+    "Qwen/Qwen2.5-VL-3B-Instruct": 2048,
+    "StanfordAIMI/CheXagent-2-3b": 2560,
+}
+
+
+def auto_keys(config: dict, prefix: str = "") -> list[str]:
+    """Dotted names of every "auto" value in a DeepSpeed config."""
+    keys = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            keys += auto_keys(value, f"{name}.")
+        elif value == "auto":
+            keys.append(name)
+    return keys
+
+
+def get_dotted(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def text_hidden_size(model_config) -> int | None:
+    # Transformers' rule: the model's hidden_size, else its text model's (VLM configs have no top-level one).
+    for config in (model_config, getattr(model_config, "text_config", None)):
+        if config is not None and getattr(config, "hidden_size", None):
+            return config.hidden_size
+    return None
+
+
+def describe_resolution(original: dict, resolved: dict, hidden_size: int | None = None) -> str:
+    """One line per "auto" of the original config: the value it became and what it came from."""
+    lines = []
+    for key in auto_keys(original):
+        source = AUTO_SOURCES.get(key, "?")
+        if "hidden_size" in source and hidden_size:
+            source += f" (hidden_size = {hidden_size})"
+        lines.append(f"  {key} = {json.dumps(get_dotted(resolved, key))}    <- {source}")
+    return "\n".join(lines)
+
+
+class WorldSize:
+    """TrainingArguments as seen by a run of `world_size` processes (only world_size differs)."""
+
+    def __init__(self, args, world_size: int):
+        self._args, self.world_size = args, world_size
+
+    def __getattr__(self, name):
+        return getattr(self._args, name)
+
+
+class ConfigOnly:
+    def __init__(self, config):
+        self.config = config
+
+
+def resolve_ds_config(ds_config_path: str | Path, training_args, model_config, world_size: int,
+                      num_training_steps: int) -> dict:  # fmt: skip
+    """The config DeepSpeed receives, built by the same steps a run takes: accelerate's DeepSpeedPlugin
+    (its own rewrites), the Trainer's fill from TrainingArguments, then the fill at train()."""
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    plugin = DeepSpeedPlugin(hf_ds_config=str(ds_config_path))
+    plugin.set_mixed_precision(training_args.mixed_precision)
+    hf_config = HfTrainerDeepSpeedConfig(plugin.hf_ds_config.config)
+    args = WorldSize(training_args, world_size)
+    hf_config.trainer_config_process(args)
+    hf_config.trainer_config_finalize(args, ConfigOnly(model_config), num_training_steps)
+    return hf_config.config
