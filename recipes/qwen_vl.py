@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, load_records
+from vlm_recipes.preflight import preflight
 from vlm_recipes.training import (
     ResolvedDeepSpeedConfigCallback,
     finish_run,
@@ -96,6 +97,24 @@ def main():
         processor = AutoProcessor.from_pretrained(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, size=pixel_caps
         )
+    # ---- preflight: every record becomes a sample once, before any weights load -------------------------------
+    train_dataset = preflight(
+        ConversationDataset(train_records, processor, data_args.max_length),
+        data_args.dataset_path,
+        data_args.skip_bad_records,
+        training_args.dataloader_num_workers,
+    )
+    eval_dataset = (
+        preflight(
+            ConversationDataset(eval_records, processor, data_args.max_length),
+            data_args.eval_dataset_path,
+            data_args.skip_bad_records,
+            training_args.dataloader_num_workers,
+        )
+        if eval_records
+        else None
+    )
+
     model = AutoModelForImageTextToText.from_pretrained(
         model_args.model_name_or_path,
         dtype=training_dtype(training_args),
@@ -135,10 +154,6 @@ def main():
     log_trainable_parameters(model)
 
     # ---- data + collator --------------------------------------------------------------------------------------
-    train_dataset = ConversationDataset(train_records, processor, data_args.max_length)
-    eval_dataset = (
-        ConversationDataset(eval_records, processor, data_args.max_length) if eval_records else None
-    )
     # Pads input_ids, labels, attention_mask and mm_token_type_ids (which transformers 5 requires next to
     # image_grid_thw); concatenates pixel_values and the image/video grids.
     collator = ConversationCollator(processor, guard_text_only_batches=data_args.guard_text_only_batches)

@@ -81,6 +81,10 @@ class DataArguments:
     allow_images_outside_root: bool = field(
         default=False, metadata={"help": "Allow absolute image paths and '..' escapes from --image_root."}
     )
+    skip_bad_records: bool = field(
+        default=False,
+        metadata={"help": "Drop records the preflight finds unusable (listing them) instead of stopping."},
+    )
     guard_text_only_batches: bool = field(
         default=True,
         metadata={

@@ -1,0 +1,56 @@
+r"""Check a dataset the way a recipe's preflight does, without training: every record is read, its images
+decoded, and it is tokenized with the model's processor at --max_length.
+
+    python scripts/validate_data.py --model_name_or_path llava-hf/llava-1.5-7b-hf \
+        --dataset_path data/train.json --image_root data --max_length 2048
+
+Reports every problem with the file, the record and the fix (malformed lines, unknown roles, no assistant
+turn, missing or corrupt images, placeholder/image count mismatches, image spans cut by max_length, samples
+left without assistant tokens), then exits 1; exits 0 when every record becomes a training sample. Only the
+processor is loaded (tokenizer, image processor, chat template), never the weights.
+"""
+
+import argparse
+import sys
+
+from transformers import AutoProcessor
+
+from vlm_recipes.data import ConversationDataset, DataError, load_records
+from vlm_recipes.preflight import preflight
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_name_or_path", required=True, help="the checkpoint whose processor is used")
+    parser.add_argument(
+        "--dataset_path", required=True, help="LLaVA/chat/CheXinstruct JSON or JSONL, or datasets"
+    )
+    parser.add_argument("--image_root", default=None)
+    parser.add_argument("--dataset_split", default="train")
+    parser.add_argument("--max_length", type=int, default=2048)
+    parser.add_argument("--allow_images_outside_root", action="store_true")
+    parser.add_argument(
+        "--num_workers", type=int, default=0, help="processes decoding and tokenizing in parallel"
+    )
+    parser.add_argument(
+        "--trust_remote_code", action="store_true", help="run code shipped with the checkpoint"
+    )
+    args = parser.parse_args()
+    try:
+        records = load_records(
+            args.dataset_path, args.image_root, args.dataset_split, args.allow_images_outside_root
+        )
+        processor = AutoProcessor.from_pretrained(
+            args.model_name_or_path, trust_remote_code=args.trust_remote_code
+        )
+        preflight(ConversationDataset(records, processor, args.max_length), args.dataset_path,
+                  num_workers=args.num_workers)  # fmt: skip
+    except DataError as error:
+        print(error, file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
