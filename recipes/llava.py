@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, load_records
+from vlm_recipes.ds_config import check_deepspeed_config
 from vlm_recipes.preflight import preflight
 from vlm_recipes.training import (
     ResolvedDeepSpeedConfigCallback,
@@ -45,6 +46,9 @@ def main():
     # TrainingArguments come first: under ZeRO-3 they switch on partitioned model construction (zero.Init).
     model_args, data_args, training_args = parse_recipe_args(DEFAULT_CONFIG)
     resume_from = prepare_output_dir(training_args)
+    check_deepspeed_config(
+        training_args, model_args.model_name_or_path
+    )  # contradictions fail here, not at train()
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------
     train_records = load_records(

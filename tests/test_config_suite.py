@@ -113,3 +113,30 @@ def test_multi_node_config_on_loopback_through_launch_slurm(tiny_llava, demo_dat
     assert "DeepSpeed config as resolved for this run (world size 2)" in result.stdout
     assert sorted(logged_losses(output_dir)) == [1, 2, 3]
     LlavaForConditionalGeneration.from_pretrained(output_dir)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto"}}},
+         "has a scheduler block (WarmupDecayLR), which would silently replace --lr_scheduler_type cosine"),
+        ({"gradient_accumulation_steps": 1}, "ds gradient_accumulation_steps=1 vs hf gradient_accumulation_steps=2"),
+    ],
+)  # fmt: skip
+def test_contradicting_deepspeed_config_is_refused_before_loading_weights(
+    tiny_llava, demo_data, tmp_path, change, message
+):
+    config = {**json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text()), **change}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    accelerate_yaml = (REPO / "accelerate_configs" / "zero3_offload.yaml").read_text()
+    (tmp_path / "accelerate.yaml").write_text(
+        accelerate_yaml.replace("ds_configs/zero3_offload.json", str(tmp_path / "ds.json"))
+    )
+    command = [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+        tmp_path / "accelerate.yaml", "--num_processes", 1, "--main_process_port", free_port(),
+        REPO / "recipes" / "llava.py", *demo_args(tiny_llava, demo_data, tmp_path / "out"),
+    ]  # fmt: skip
+    result = run_command(command, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr and "Loading weights" not in result.stderr

@@ -109,3 +109,34 @@ def resolve_ds_config(ds_config_path: str | Path, training_args, model_config, w
     hf_config.trainer_config_process(args)
     hf_config.trainer_config_finalize(args, ConfigOnly(model_config), num_training_steps)
     return hf_config.config
+
+
+def check_deepspeed_config(training_args, model_name_or_path: str) -> None:
+    """Refuse, before any weights load, a DeepSpeed config that would silently override or contradict the
+    arguments: a scheduler block, or hard-coded values that differ from what the arguments imply."""
+    import os
+
+    from transformers import AutoConfig
+
+    from vlm_recipes.config import ConfigError
+
+    path = training_args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or not isinstance(path, str | Path) or not Path(path).is_file():
+        return
+    config = json.loads(Path(path).read_text())
+    if "scheduler" in config:
+        raise ConfigError(
+            f"{path} has a scheduler block ({config['scheduler'].get('type')}), which would silently replace "
+            f"--lr_scheduler_type {getattr(training_args.lr_scheduler_type, 'value', training_args.lr_scheduler_type)}. Delete the block: the Trainer then builds the "
+            "scheduler your arguments name, and DeepSpeed steps it."
+        )
+    model_config = AutoConfig.from_pretrained(model_name_or_path)
+    try:
+        resolve_ds_config(
+            path, training_args, model_config, training_args.world_size, max(training_args.max_steps, 1)
+        )
+    except ValueError as error:
+        raise ConfigError(
+            f'{path} contradicts the arguments:\n{error}\nSet those keys to "auto" (they are then filled from '
+            "the arguments) or change the arguments to match."
+        ) from None
