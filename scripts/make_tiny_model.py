@@ -20,6 +20,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PhiConfig,
+    PhiForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -33,6 +35,10 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+    SiglipVisionModel,
 )
 
 # A vicuna-style template like LLaVA-1.5's, with the end-of-sequence token after every assistant turn so
@@ -284,11 +290,127 @@ def build_llava(output_dir: Path, seed: int) -> None:
     processor.save_pretrained(output_dir)
 
 
+# CheXagent-2's prompt shape as recipes/chexagent.py writes it (keep the two identical; the CheXagent test checks
+# they are): plain USER:/ASSISTANT: turns, each image introduced as "Picture N:", the LM's own end-of-text token
+# after every answer.
+CHEXAGENT_CHAT_TEMPLATE = (
+    "{%- set image_count = namespace(value=0) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- for p in parts if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}{{ '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "USER: {% for p in parts -%}"
+    "{%- if p['type'] == 'image' -%}{%- set image_count.value = image_count.value + 1 -%}"
+    "Picture {{ image_count.value }}: <image>{{ '\\n' }}"
+    "{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}"
+    "{%- endfor -%}{{ '\\n' }}"
+    "{%- else -%}"
+    "ASSISTANT: {% for p in parts if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}{{ eos_token }}{{ '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+)
+
+
+def build_chexagent_parts(output_dir: Path, seed: int) -> tuple[Path, Path]:
+    """The two checkpoints CheXagent-2 is assembled from, tiny: a full SigLIP (like the CXR-adapted XraySigLIP
+    encoders) with its image processor, and a Phi causal LM (like RadPhi-2) with a Phi-2-like tokenizer: one
+    <|endoftext|> token for BOS, EOS and unknown, no padding token, no image token, a biased output layer."""
+    vision_dir, text_dir = output_dir / "vision_encoder", output_dir / "language_model"
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8)  # fmt: skip
+    siglip_text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    SiglipModel(SiglipConfig(text_config=siglip_text, vision_config=vision)).save_pretrained(vision_dir)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vision_dir)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_bpe(["<|endoftext|>"]),
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    config = PhiConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        partial_rotary_factor=0.5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    language_model = PhiForCausalLM(config)
+    # Phi's output layer has a bias, which the LLaVA architecture has no place for: make it non-zero, so that
+    # dropping it is visible.
+    with torch.no_grad():
+        language_model.lm_head.bias.normal_(std=0.02)
+    language_model.save_pretrained(text_dir)
+    tokenizer.save_pretrained(text_dir)
+    return vision_dir, text_dir
+
+
+def build_chexagent(output_dir: Path, seed: int) -> None:
+    """Tiny CheXagent-2 shape: SigLIP vision encoder + MLP projector + Phi LM as a LLaVA-architecture model.
+
+    Writes the two parts (output_dir/vision_encoder, output_dir/language_model, for recipes/chexagent.py's
+    stage 1, which assembles them) and, in output_dir, the model that assembly makes from them before
+    training: the same encoder and LM weights, "<image>" and "<pad>" appended to the vocabulary (their embedding
+    and output rows set to the mean of the others), the LM's output bias dropped, a fresh projector."""
+    vision_dir, text_dir = build_chexagent_parts(output_dir, seed)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(text_dir)
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    vision = SiglipVisionModel.from_pretrained(vision_dir, vision_use_head=False)  # LLaVA reads hidden states
+    language_model = PhiForCausalLM.from_pretrained(text_dir)
+    config = LlavaConfig(
+        vision_config=vision.config,
+        text_config={
+            **language_model.config.to_dict(),
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed + 1)
+    model = LlavaForConditionalGeneration(config)
+    state = {f"model.vision_tower.{name}": tensor for name, tensor in vision.state_dict().items()}
+    for name, tensor in language_model.state_dict().items():
+        if name == "lm_head.bias":
+            continue
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensor = torch.cat([tensor, tensor.mean(dim=0, keepdim=True).expand(2, -1)])  # <image>, <pad>
+        state[name.replace("model.", "model.language_model.", 1)] = tensor
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("multi_modal_projector" in name for name in missing), (missing, unexpected)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = LlavaProcessor(
+        image_processor=SiglipImageProcessor.from_pretrained(vision_dir),
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy="full",
+        image_token="<image>",
+        num_additional_image_tokens=0,  # SigLIP has no class token: one image token per patch
+        chat_template=CHEXAGENT_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
 BUILDERS = {
     "llava": build_llava,
     "qwen2-vl": lambda output_dir, seed: build_qwen(output_dir, seed, "qwen2-vl"),
     "qwen2.5-vl": lambda output_dir, seed: build_qwen(output_dir, seed, "qwen2.5-vl"),
     "qwen3-vl": lambda output_dir, seed: build_qwen(output_dir, seed, "qwen3-vl"),
+    "chexagent": build_chexagent,
 }
 # `make demo MODEL=qwen-vl` and the recipes name the family by recipe; the default Qwen is 2.5.
 BUILDERS["qwen-vl"] = BUILDERS["qwen2.5-vl"]

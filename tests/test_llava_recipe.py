@@ -3,20 +3,27 @@ gloo, tiny model. Checks what a user checks: the loss falls, the DeepSpeed confi
 imply, the saved model reloads and equals the trained weights, LoRA saves a loadable adapter, a re-run resumes."""
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
 from tests.conftest import (
+    QUIET_ENV,
     REPO,
     assert_resolved_like_arguments,
     assert_saved_equals_trained,
     launch_recipe,
     logged_losses,
+    recipe_command,
     run_command,
 )
 
@@ -91,6 +98,33 @@ def test_rerun_resumes_from_last_complete_checkpoint(full_run, tmp_path):
     for step in (20, 25, 30):
         assert resumed[step] == pytest.approx(original[step], rel=1e-3), (step, original, resumed)
     assert (interrupted / "model.safetensors").is_file()
+
+
+def test_sigkill_mid_training_then_rerun_resumes_and_ends_at_the_same_loss(full_run, tmp_path):
+    output_dir, args, _ = full_run
+    killed = tmp_path / "killed"
+    run_args = [str(killed) if str(a) == str(output_dir) else a for a in args] + ["--save_steps", "5"]
+    process = subprocess.Popen(
+        recipe_command("llava.py", run_args), cwd=REPO, env={**os.environ, **QUIET_ENV},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoint-10" / "trainer_state.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before checkpoint-10"
+        time.sleep(0.1)
+    # The launcher and both ranks (torch's launcher gives its workers their own sessions), no clean-up.
+    for victim in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+        victim.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model.safetensors").exists()
+
+    result = launch_recipe("llava.py", run_args)  # the same command again
+    resumed_from = int(re.search(r"resuming from .*checkpoint-(\d+)", result.stdout + result.stderr).group(1))
+    assert resumed_from >= 10
+    # Same data order, same RNG state from the checkpoint: the uninterrupted run's losses.
+    original, resumed = logged_losses(output_dir), logged_losses(killed)
+    assert resumed[30] == pytest.approx(original[30], rel=1e-3), (resumed_from, original, resumed)
+    assert (killed / "model.safetensors").is_file()
 
 
 def test_finished_output_dir_is_not_overwritten(full_run):

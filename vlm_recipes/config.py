@@ -59,7 +59,7 @@ class ModelArguments:
     def __post_init__(self):
         # A local folder is recorded by absolute path (in the saved config and a LoRA adapter's
         # base_model_name_or_path), so the output loads from any working directory.
-        if os.path.isdir(self.model_name_or_path):
+        if self.model_name_or_path and os.path.isdir(self.model_name_or_path):
             self.model_name_or_path = os.path.abspath(self.model_name_or_path)
 
 

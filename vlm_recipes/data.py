@@ -182,12 +182,28 @@ def normalize_record(record: dict) -> tuple[list[dict], list, list]:
     return messages, images, videos
 
 
+PICKLE_REFUSAL = "pickle files are refused, since loading one runs arbitrary code; save the records as JSONL"
+
+
+def read_text_refusing_pickle(path: Path) -> str:
+    raw = path.read_bytes()
+    if raw[:1] == b"\x80" and raw[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise DataError(f"{path} is a pickle file despite its name: {PICKLE_REFUSAL}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {error.start}); save the dataset as UTF-8 JSON/JSONL"
+        ) from None
+
+
 def read_json_records(path: Path) -> tuple[list[tuple[str, object]], list[RecordProblem]]:
     """(label, record) pairs, where label names the record the way a person finds it in the file."""
     problems = []
+    text = read_text_refusing_pickle(path)
     if path.suffix == ".jsonl":
         pairs = []
-        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -198,7 +214,7 @@ def read_json_records(path: Path) -> tuple[list[tuple[str, object]], list[Record
                 )
         return pairs, problems
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(
             f"{path}: malformed JSON at line {error.lineno} column {error.colno} ({error.msg})"
@@ -258,9 +274,7 @@ def load_records(
             raise DataError(f"dataset file {path} does not exist; check --dataset_path")
         pairs, problems = read_json_records(path)
     elif path.suffix in (".pkl", ".pickle"):
-        raise DataError(
-            f"{path}: pickle files are refused, since loading one runs arbitrary code; save as JSONL"
-        )
+        raise DataError(f"{path}: {PICKLE_REFUSAL}")
     else:
         pairs, problems = read_hf_records(dataset_path, split), []
     root = Path(image_root) if image_root else None
