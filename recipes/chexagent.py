@@ -51,6 +51,7 @@ from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, load_records
 from vlm_recipes.ds_config import check_deepspeed_config
 from vlm_recipes.preflight import preflight
+from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
     ResolvedDeepSpeedConfigCallback,
     finish_run,
@@ -353,7 +354,7 @@ def main():
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[ResolvedDeepSpeedConfigCallback()],
+        callbacks=[ResolvedDeepSpeedConfigCallback(), RunStatsCallback()],
     )
 
     # ---- train --------------------------------------------------------------------------------------------------

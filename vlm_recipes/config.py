@@ -100,6 +100,13 @@ class RecipeTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Train into an output_dir that already holds a finished model, replacing it."},
     )
+    allow_deepspeed_scheduler: bool = field(
+        default=False,
+        metadata={
+            "help": "Let a `scheduler` block in the DeepSpeed JSON replace --lr_scheduler_type (refused "
+            "otherwise). Only for reproducing a config that has one, such as the seed's."
+        },
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, RecipeTrainingArguments)

@@ -8,6 +8,10 @@ ResolvedDeepSpeedConfigCallback prints the config a run really handed to DeepSpe
 import json
 from pathlib import Path
 
+from transformers.utils import logging
+
+logger = logging.get_logger("vlm_recipes")
+
 # Where transformers' Trainer (integrations/deepspeed.py) and accelerate's DeepSpeedPlugin take each value.
 AUTO_SOURCES = {
     "train_micro_batch_size_per_gpu": "per_device_train_batch_size",
@@ -124,7 +128,12 @@ def check_deepspeed_config(training_args, model_name_or_path: str) -> None:
     if not path or not isinstance(path, str | Path) or not Path(path).is_file():
         return
     config = json.loads(Path(path).read_text())
-    if "scheduler" in config:
+    if "scheduler" in config and training_args.allow_deepspeed_scheduler:
+        logger.warning(
+            f"{path}: its {config['scheduler'].get('type')} scheduler replaces --lr_scheduler_type "
+            "(--allow_deepspeed_scheduler true)"
+        )
+    elif "scheduler" in config:
         raise ConfigError(
             f"{path} has a scheduler block ({config['scheduler'].get('type')}), which would silently replace "
             f"--lr_scheduler_type {getattr(training_args.lr_scheduler_type, 'value', training_args.lr_scheduler_type)}. Delete the block: the Trainer then builds the "

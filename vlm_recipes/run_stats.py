@@ -1,0 +1,137 @@
+"""What a run cost: wall time per optimizer step, GPU memory peaks and host memory peaks, for every rank.
+
+Every recipe adds `RunStatsCallback`. At the end of training each rank writes output_dir/run_stats/rank<N>.json
+and rank 0 prints one summary line. scripts/benchmark.py reads these files, and the memory planner's tests
+compare its estimates against them, so a benchmark row and a user's run are measured by the same code.
+"""
+
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+RUN_STATS_DIR = "run_stats"
+GIB = 1024**3
+
+
+def read_proc_kib(path: str, key: str) -> int | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class HostMemorySampler(threading.Thread):
+    """Peak host memory in use on the whole machine (MemTotal - MemAvailable), sampled every `interval` s.
+
+    A process's own peak RSS (VmHWM) misses what its data-loader workers and the other ranks hold, and pinned
+    buffers, which is what the kernel's out-of-memory killer counts; the machine-wide figure does not.
+    """
+
+    def __init__(self, interval: float = 0.25):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak_kib = 0
+        self.stopped = threading.Event()
+
+    def used_kib(self) -> int:
+        total = read_proc_kib("/proc/meminfo", "MemTotal") or 0
+        available = read_proc_kib("/proc/meminfo", "MemAvailable") or total
+        return total - available
+
+    def run(self):
+        while not self.stopped.is_set():
+            self.peak_kib = max(self.peak_kib, self.used_kib())
+            self.stopped.wait(self.interval)
+
+    def stop(self) -> int:
+        self.stopped.set()
+        self.peak_kib = max(self.peak_kib, self.used_kib())
+        return self.peak_kib
+
+
+def median_after_warmup(values: list[float], warmup: int) -> float | None:
+    steady = values[warmup:] if len(values) > warmup else values
+    return statistics.median(steady) if steady else None
+
+
+class RunStatsCallback(TrainerCallback):
+    """Records the wall time of every optimizer step (CUDA synchronised, so a step's GPU work is inside it),
+    the peak GPU memory allocated and reserved, this process's peak RSS and the machine's peak memory in use."""
+
+    def __init__(self, warmup_steps: int = 3):
+        self.warmup_steps = warmup_steps
+        self.step_times: list[float] = []
+        self.sampler: HostMemorySampler | None = None
+        self.last: float | None = None
+        self.baseline_used_kib = 0
+
+    def synchronize(self):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.sampler = HostMemorySampler()
+        self.baseline_used_kib = self.sampler.used_kib()
+        self.sampler.start()
+        self.synchronize()
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.synchronize()
+        now = time.perf_counter()
+        self.step_times.append(now - self.last)
+        self.last = now
+
+    def stats(self, args, state) -> dict:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        machine_peak_kib = self.sampler.stop() if self.sampler else 0
+        return {
+            "rank": args.process_index,
+            "world_size": args.world_size,
+            "steps": len(self.step_times),
+            "step_times_s": [round(t, 4) for t in self.step_times],
+            "median_step_time_s": median_after_warmup(self.step_times, self.warmup_steps),
+            "warmup_steps_excluded": min(self.warmup_steps, max(len(self.step_times) - 1, 0)),
+            "num_input_tokens_seen": state.num_input_tokens_seen or None,
+            "gpu_peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+            "gpu_peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
+            "gpu_name": torch.cuda.get_device_name() if cuda else None,
+            "process_peak_rss_gib": (read_proc_kib("/proc/self/status", "VmHWM") or 0) / 2**20,
+            "machine_peak_used_gib": machine_peak_kib / 2**20,
+            "machine_used_before_training_gib": self.baseline_used_kib / 2**20,
+            "machine_total_gib": (read_proc_kib("/proc/meminfo", "MemTotal") or 0) / 2**20,
+        }
+
+    def on_train_end(self, args, state, control, **kwargs):
+        stats = self.stats(args, state)
+        folder = Path(args.output_dir, RUN_STATS_DIR)
+        os.makedirs(folder, exist_ok=True)
+        (folder / f"rank{args.process_index}.json").write_text(json.dumps(stats, indent=1) + "\n")
+        if state.is_world_process_zero:
+            median = stats["median_step_time_s"]
+            gpu = stats["gpu_peak_allocated_gib"]
+            print(
+                f"run stats: {stats['steps']} steps, median step {median:.3f} s"
+                if median is not None
+                else f"run stats: {stats['steps']} steps",
+                f"| peak GPU allocated {gpu:.1f} GiB" if gpu is not None else "| no GPU",
+                f"| peak RSS {stats['process_peak_rss_gib']:.1f} GiB (this rank)",
+                f"| machine peak in use {stats['machine_peak_used_gib']:.1f} GiB",
+                f"-> {folder}",
+                flush=True,
+            )
+
+
+def read_run_stats(output_dir: str | Path) -> list[dict]:
+    """Every rank's stats of a finished run, rank 0 first."""
+    files = sorted(Path(output_dir, RUN_STATS_DIR).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+    return [json.loads(p.read_text()) for p in files]
