@@ -6,8 +6,11 @@ decoded, and it is tokenized with the model's processor at --max_length.
 
 Reports every problem with the file, the record and the fix (malformed lines, unknown roles, no assistant
 turn, missing or corrupt images, placeholder/image count mismatches, image spans cut by max_length, samples
-left without assistant tokens), then exits 1; exits 0 when every record becomes a training sample. Only the
-processor is loaded (tokenizer, image processor, chat template), never the weights.
+left without assistant tokens, images the image processor refuses), then exits 1; exits 0 when every record
+becomes a training sample. Either way it says how many images the model's image processor downscales (losing
+detail), upscales, or crops or stretches out of shape, with the most extreme of each. Only the processor is loaded
+(tokenizer, image processor, chat template), never the weights. For Qwen-VL, pass the run's --min_pixels and
+--max_pixels so the images are measured against the same caps.
 """
 
 import argparse
@@ -37,13 +40,23 @@ def main() -> None:
     parser.add_argument(
         "--trust_remote_code", action="store_true", help="run code shipped with the checkpoint"
     )
+    parser.add_argument("--min_pixels", type=int, default=None, help="Qwen-VL: the run's min_pixels")
+    parser.add_argument("--max_pixels", type=int, default=None, help="Qwen-VL: the run's max_pixels")
     args = parser.parse_args()
+    if (args.min_pixels is None) != (args.max_pixels is None):
+        parser.error("give both --min_pixels and --max_pixels (the run's values, as in its YAML), or neither")
     try:
         records = load_records(
             args.dataset_path, args.image_root, args.dataset_split, args.allow_images_outside_root
         )
+        # Qwen's image processors take the pixel caps as their size (both, as the recipe's YAMLs give them).
+        caps = (
+            {"size": {"shortest_edge": args.min_pixels, "longest_edge": args.max_pixels}}
+            if args.max_pixels
+            else {}
+        )
         processor = AutoProcessor.from_pretrained(
-            args.model_name_or_path, trust_remote_code=args.trust_remote_code
+            args.model_name_or_path, trust_remote_code=args.trust_remote_code, **caps
         )
         preflight(ConversationDataset(records, processor, args.max_length), args.dataset_path,
                   num_workers=args.num_workers)  # fmt: skip

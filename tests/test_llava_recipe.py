@@ -60,6 +60,15 @@ def test_full_finetune_loss_falls(full_run):
     assert losses[30] < 0.5 * losses[5], losses
 
 
+def test_preflight_checks_each_record_once_across_the_processes(full_run, demo_data):
+    _, _, result = full_run
+    reports = [line for line in result.stdout.splitlines() if line.startswith("preflight: all")]
+    assert reports == [
+        f"preflight: all 96 records of {demo_data / 'train.json'} become training samples "
+        "(checked by 2 processes: 48 + 48 records)"
+    ]
+
+
 def test_resolved_deepspeed_config_two_processes(full_run):
     output_dir, _, result = full_run
     config = json.loads((output_dir / "ds_config_resolved.json").read_text())

@@ -10,7 +10,7 @@ from transformers import AutoProcessor
 
 from tests.conftest import run_command
 from vlm_recipes.data import ConversationDataset, DataError, load_records
-from vlm_recipes.preflight import preflight
+from vlm_recipes.preflight import FixedSize, MeasuredImage, image_report, preflight
 
 
 def record(record_id, image, question="What color is the shape?", answer="red"):
@@ -57,7 +57,9 @@ def test_preflight_can_skip_the_bad_records_and_says_which(tiny_llava, faulty_da
     kept = preflight(dataset, str(faulty_dataset), skip_bad_records=True, log=lines.append)
     assert [r["id"] for r in kept.records] == ["good-1", "good-2"]
     assert lines[0] == f"preflight: skipping 2 of 4 records of {faulty_dataset}:"
-    assert len(lines) == 3 and "id corrupt" in lines[1] and "id no-answer-left" in lines[2]
+    assert "id corrupt" in lines[1] and "id no-answer-left" in lines[2]
+    assert lines[3].startswith(f"preflight: 2 images of {faulty_dataset}, 32x32 to 32x32")  # the kept ones
+    assert len(lines) == 4
 
 
 def test_recipe_stops_on_bad_records_before_loading_weights(tiny_llava, faulty_dataset, tmp_path):
@@ -78,3 +80,95 @@ def test_validate_data_script(tiny_llava, faulty_dataset):
                "--dataset_path", faulty_dataset, "--image_root", faulty_dataset.parent, "--max_length", "128"]  # fmt: skip
     result = run_command(command, check=False)
     assert result.returncode == 1 and "id corrupt" in result.stderr
+
+
+# ---- images against what the image processor does with them ---------------------------------------------------
+
+
+def dataset_of_images(tmp_path, sizes: dict[str, tuple[int, int]], processor) -> ConversationDataset:
+    """One record per image, named by its id, each image of the given (width, height)."""
+    for name, size in sizes.items():
+        Image.new("RGB", size, "red").save(tmp_path / f"{name}.png")
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([record(name, f"{name}.png") for name in sizes]))
+    return ConversationDataset(load_records(str(path), str(tmp_path)), processor, None)
+
+
+def test_images_beyond_the_qwen_pixel_caps_are_counted_with_the_most_extreme(tiny_model, tmp_path):
+    # The tiny Qwen2.5-VL processor's caps: min_pixels 784 (28x28), max_pixels 3136 (56x56).
+    path = tiny_model("qwen2.5-vl")
+    sizes = {"within": (40, 40), "big": (400, 300), "wide": (200, 100), "small": (10, 10)}
+    lines = []
+    kept = preflight(
+        dataset_of_images(tmp_path, sizes, AutoProcessor.from_pretrained(path)), "d", log=lines.append
+    )
+    assert len(kept) == 4  # a note, not a failure: nothing is dropped
+    source = f"{tmp_path / 'train.json'}, record"
+    assert lines == [
+        "preflight: all 4 records of d become training samples",
+        "preflight: 4 images of d, 10x10 to 400x300; the image processor resizes each into 784..3,136 pixels "
+        "(min_pixels..max_pixels), keeping its aspect ratio",
+        "preflight: 2 of 4 images are over max_pixels and downscaled, losing detail; the largest, 400x300 (6.2x "
+        f"smaller per edge), is {source} #1 (id big); raise --max_pixels to keep more (more image tokens and "
+        "memory per image)",
+        f"preflight: 1 of 4 images is under min_pixels and upscaled; the smallest, 10x10 (enlarged 2.8x per edge), "
+        f"is {source} #3 (id small)",
+    ]
+    # The caps are read from the processor, so the run's --min_pixels/--max_pixels are what is measured against.
+    roomy = AutoProcessor.from_pretrained(path, size={"shortest_edge": 64, "longest_edge": 200_000})
+    lines = []
+    preflight(dataset_of_images(tmp_path, sizes, roomy), "d", log=lines.append)
+    assert len(lines) == 2 and "64..200,000 pixels" in lines[1]
+
+
+def test_an_aspect_ratio_the_qwen_processor_refuses_is_a_named_problem(tiny_model, tmp_path):
+    processor = AutoProcessor.from_pretrained(tiny_model("qwen2.5-vl"))
+    dataset = dataset_of_images(tmp_path, {"ok": (40, 40), "strip": (3000, 10)}, processor)
+    with pytest.raises(DataError) as error:
+        preflight(dataset, "d")
+    assert (
+        f"{tmp_path / 'train.json'}, record #1 (id strip): image 3000x10 has an aspect ratio of 300:1, and the "
+        "image processor refuses more than 200:1; crop it, pad it, or cut a long strip" in str(error.value)
+    )
+    kept = preflight(dataset, "d", skip_bad_records=True, log=lambda line: None)
+    assert [r["id"] for r in kept.records] == ["ok"]
+
+
+def test_fixed_size_processors_report_what_the_crop_or_the_stretch_loses(tiny_llava, tmp_path):
+    # LLaVA's CLIP processor: shortest edge to 32, then the centre 32x32; a 4:1 image keeps a quarter.
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+    lines = []
+    preflight(
+        dataset_of_images(tmp_path, {"square": (32, 32), "wide": (120, 30)}, processor), "d", log=lines.append
+    )
+    assert lines[1].endswith(
+        "the image processor resizes each so its shortest edge is 32, then keeps the centre 32x32"
+    )
+    assert lines[-1] == (
+        "preflight: 1 of 2 images is more than 2:1 off the model's shape; the most extreme, 120x30 (the crop keeps "
+        f"25.0% of it), is {tmp_path / 'train.json'}, record #1 (id wide); pad such images to the model's shape "
+        "beforehand if their edges matter"
+    )
+    # SigLIP's processor (CheXagent) stretches every image to its size instead.
+    images = [MeasuredImage("a, record #0", 32, 32), MeasuredImage("a, record #1", 120, 30)]
+    stretched = image_report(FixedSize(32, 32, shortest_edge=None), images, "a", processor)
+    assert (
+        "stretches each to 32x32" in stretched[0] and "120x30 (stretched 4.0x out of shape)" in stretched[-1]
+    )
+    unknown = image_report(None, images, "a", processor)
+    assert unknown == [
+        "preflight: 2 images of a, 32x32 to 120x30; how CLIPImageProcessor resizes them is not known to the "
+        "preflight, so detail lost is not reported"
+    ]
+
+
+def test_an_image_beyond_pillows_decompression_limit_is_a_named_problem(tiny_llava, tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses beyond twice this: 2,000 pixels
+    dataset = dataset_of_images(
+        tmp_path, {"ok": (30, 30), "huge": (64, 64)}, AutoProcessor.from_pretrained(tiny_llava)
+    )
+    with pytest.raises(DataError) as error:
+        preflight(dataset, "d")
+    message = str(error.value)
+    assert "record #1 (id huge): Image size (4096 pixels) exceeds limit of 2000 pixels" in message
+    assert "Downscale the image beforehand" in message and "id ok" not in message

@@ -16,6 +16,7 @@ whole file and raised together, each naming the file, the record and the fix.
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlm_recipes.masking import SampleError, tokenize_conversation
+from vlm_recipes.masking import tokenize_conversation
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -328,11 +329,34 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    def decode_media(self, index: int) -> tuple[list[Image.Image], list]:
+        """Record `index`'s images and video frames, decoded; a video file stays a path for the processor."""
         record = self.records[index]
-        try:
+        with problems_named_by(record):
             images = [load_image(image) for image in record["images"]]
             videos = [[load_image(f) for f in v] if isinstance(v, list) else str(v) for v in record["videos"]]
+        return images, videos
+
+    def tokenize(self, index: int, images: list[Image.Image], videos: list) -> dict:
+        record = self.records[index]
+        with problems_named_by(record):
             return tokenize_conversation(self.processor, record["messages"], images, self.max_length, videos)
-        except (SampleError, OSError, ImportError) as error:  # ImportError: no video decoder installed
-            raise DataError(f"{record['source']}: {error}") from error
+
+    def __getitem__(self, index: int) -> dict:
+        return self.tokenize(index, *self.decode_media(index))
+
+
+@contextmanager
+def problems_named_by(record: dict):
+    """Re-raise a record's decoding or tokenizing failure as a DataError that names the record."""
+    try:
+        yield
+    except Image.DecompressionBombError as error:
+        raise DataError(
+            f"{record['source']}: {error} Downscale the image beforehand (the model never sees more pixels than "
+            "its image processor's size), or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
+        ) from error
+    # ValueError: a SampleError, or an image processor refusing an image (a size it cannot resize);
+    # ImportError: no video decoder installed.
+    except (ValueError, OSError, ImportError) as error:
+        raise DataError(f"{record['source']}: {error}") from error

@@ -3,62 +3,314 @@ record that would fail mid-run (a corrupt image, an image span cut by max_length
 
 Used by every recipe and by scripts/validate_data.py. By default all problems are listed and the run stops;
 with skip_bad_records the bad records are dropped, and how many and which is always printed.
+
+Under a launcher, each process checks every world_size-th record and the results are gathered, so every record
+is decoded and tokenized once in the whole run (not once per process) and every process keeps the same records.
+Process 0 prints the report.
+
+The same pass measures every decoded image against what the model's image processor does with it, and says
+how many images it downscales (losing detail: small findings on an X-ray), upscales, or crops or stretches out of
+shape, each with the most extreme one and its record. Only an image the processor refuses is a problem.
 """
 
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_recipes.data import DataError
 
+SHOWN_PROBLEMS = 50
+# Beyond 2:1 against the model's input shape, a centre crop drops more than half of an image and a stretch
+# squeezes one axis to less than half the scale of the other.
+EXTREME_ASPECT_RATIO = 2.0
 
-class RecordCheck(Dataset):
-    """Item k is None when record k of `dataset` becomes a sample, else the problem with it."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+@dataclass(frozen=True)
+class PixelBudget:
+    """Qwen2-VL-family image processors (transformers' `smart_resize`): the aspect ratio is kept and the area
+    brought into [min_pixels, max_pixels], each edge a multiple of the patch size."""
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    min_pixels: int
+    max_pixels: int
+    max_aspect_ratio: ClassVar[float] = 200.0  # smart_resize raises a ValueError beyond it
+    larger: ClassVar[str] = "over max_pixels"
+    smaller: ClassVar[str] = "under min_pixels"
+    to_keep_detail: ClassVar[str] = (
+        "; raise --max_pixels to keep more (more image tokens and memory per image)"
+    )
 
-    def __getitem__(self, index: int) -> str | None:
-        try:
-            self.dataset[index]
-        except DataError as error:
-            return str(error)
+    def describe(self) -> str:
+        return (
+            f"resizes each into {self.min_pixels:,}..{self.max_pixels:,} pixels (min_pixels..max_pixels), "
+            "keeping its aspect ratio"
+        )
+
+    def scale(self, width: int, height: int) -> float:
+        """The factor each edge is resized by: below 1 the image is shrunk, above 1 enlarged."""
+        area = width * height
+        target = min(max(area, self.min_pixels), self.max_pixels)
+        return math.sqrt(target / area)
+
+    def aspect_mismatch(self, width: int, height: int) -> float:
+        return 1.0  # the aspect ratio is kept
+
+    def refusal(self, width: int, height: int) -> str | None:
+        ratio = max(width, height) / min(width, height)
+        if ratio <= self.max_aspect_ratio:
+            return None
+        return (
+            f"image {width}x{height} has an aspect ratio of {ratio:.0f}:1, and the image processor refuses more "
+            f"than {self.max_aspect_ratio:.0f}:1; crop it, pad it, or cut a long strip into several images"
+        )
+
+
+@dataclass(frozen=True)
+class FixedSize:
+    """CLIP/SigLIP-style image processors: every image becomes width x height, either resized so its shortest
+    edge is `shortest_edge` and centre-cropped (CLIP), or stretched to it (shortest_edge None, SigLIP)."""
+
+    width: int
+    height: int
+    shortest_edge: int | None
+    to_keep_detail: ClassVar[str] = ""
+
+    @property
+    def larger(self) -> str:
+        return f"larger than the model's {self.width}x{self.height} input"
+
+    @property
+    def smaller(self) -> str:
+        return f"smaller than the model's {self.width}x{self.height} input"
+
+    def describe(self) -> str:
+        if self.shortest_edge:
+            return (
+                f"resizes each so its shortest edge is {self.shortest_edge}, then keeps the centre "
+                f"{self.width}x{self.height}"
+            )
+        return f"stretches each to {self.width}x{self.height}"
+
+    def scale(self, width: int, height: int) -> float:
+        if self.shortest_edge:
+            return self.shortest_edge / min(width, height)
+        return math.sqrt(self.width * self.height / (width * height))  # the mean over the two edges
+
+    def aspect_mismatch(self, width: int, height: int) -> float:
+        ratio = (width / height) / (self.width / self.height)
+        return max(ratio, 1 / ratio)
+
+    def distortion(self, width: int, height: int) -> str:
+        if not self.shortest_edge:
+            return f"stretched {self.aspect_mismatch(width, height):.1f}x out of shape"
+        scale = self.scale(width, height)
+        kept = min(self.width, width * scale) * min(self.height, height * scale) / (width * height * scale**2)
+        return f"the crop keeps {kept:.1%} of it"
+
+    def refusal(self, width: int, height: int) -> str | None:
         return None
 
 
-def check_every_record(dataset, num_workers: int = 0) -> list[tuple[int, str]]:
-    """(index, problem) for each record of a ConversationDataset that cannot become a sample."""
-    loader = DataLoader(RecordCheck(dataset), batch_size=64, num_workers=num_workers, collate_fn=list)
-    problems, index = [], 0
-    for batch in loader:
-        for problem in batch:
-            if problem is not None:
-                problems.append((index, problem))
-            index += 1
-    return problems
+def size_entry(size, key: str) -> int | None:
+    """A value of an image processor's `size`/`crop_size`: a SizeDict, a plain dict, or absent."""
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def image_fit_of(processor) -> PixelBudget | FixedSize | None:
+    """How the processor's image processor fits an image to the model, read from its settings; None when it
+    resizes in a way the preflight does not know (the report then says so)."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None or not getattr(image_processor, "do_resize", True):
+        return None
+    size, crop = getattr(image_processor, "size", None), getattr(image_processor, "crop_size", None)
+    shortest_edge, longest_edge = size_entry(size, "shortest_edge"), size_entry(size, "longest_edge")
+    crops = getattr(image_processor, "do_center_crop", False)
+    # Qwen2-VL family (marked by its patch merging): shortest_edge and longest_edge are min_pixels and max_pixels.
+    if getattr(image_processor, "merge_size", None) and shortest_edge and longest_edge:
+        return PixelBudget(min_pixels=shortest_edge, max_pixels=longest_edge)
+    if getattr(image_processor, "do_pad", False):
+        return None  # padded to a square first (LLaVA's own processor, on request): not measured here
+    if crops and shortest_edge and size_entry(crop, "height"):
+        return FixedSize(size_entry(crop, "width"), size_entry(crop, "height"), shortest_edge)
+    if not crops and size_entry(size, "height") and size_entry(size, "width"):
+        return FixedSize(size_entry(size, "width"), size_entry(size, "height"), shortest_edge=None)
+    return None
+
+
+@dataclass
+class CheckedRecord:  # small: every process receives every other's
+    index: int
+    problem: str | None  # None when the record becomes a training sample
+    image_sizes: list[tuple[int, int]]  # (width, height) of each image, as decoded
+
+
+class RecordCheck(Dataset):
+    """Item k checks record indices[k] of `dataset`: its images are decoded once, measured, then tokenized."""
+
+    def __init__(self, dataset, indices: list[int], fit):
+        self.dataset, self.indices, self.fit = dataset, indices, fit
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> CheckedRecord:
+        index = self.indices[k]
+        checked = CheckedRecord(index, None, [])
+        try:
+            images, videos = self.dataset.decode_media(index)
+            checked.image_sizes = [image.size for image in images]
+            refusals = [self.fit.refusal(*size) for size in checked.image_sizes] if self.fit else []
+            refusal = next((r for r in refusals if r), None)
+            if refusal:  # checked before the processor, which would refuse it without naming the record
+                checked.problem = f"{self.dataset.records[index]['source']}: {refusal}"
+                return checked
+            self.dataset.tokenize(index, images, videos)
+        except DataError as error:
+            checked.problem = str(error)
+        return checked
+
+
+def check_records(dataset, indices: list[int], fit, num_workers: int = 0) -> list[CheckedRecord]:
+    loader = DataLoader(
+        RecordCheck(dataset, indices, fit), batch_size=64, num_workers=num_workers, collate_fn=list
+    )
+    return [checked for batch in loader for checked in batch]
+
+
+def process_rank_and_count() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def check_every_record(dataset, fit, num_workers: int = 0) -> tuple[list[CheckedRecord], list[int]]:
+    """Every record checked once across the processes of the run: (results in record order, how many records
+    each process checked). Every process gets the same results."""
+    rank, world_size = process_rank_and_count()
+    own = check_records(dataset, list(range(rank, len(dataset), world_size)), fit, num_workers)
+    if world_size == 1:
+        return own, [len(own)]
+    parts = [None] * world_size
+    dist.all_gather_object(parts, own)
+    merged = sorted((checked for part in parts for checked in part), key=lambda checked: checked.index)
+    return merged, [len(part) for part in parts]
+
+
+@dataclass(frozen=True)
+class MeasuredImage:
+    source: str  # the record it belongs to
+    width: int
+    height: int
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+def some(images: list, count: int) -> str:
+    return f"{len(images)} of {count} images {'is' if len(images) == 1 else 'are'}"
+
+
+def image_report(fit, images: list[MeasuredImage], what: str, processor) -> list[str]:
+    """Lines about the images of the records that become samples: their sizes, what the image processor does
+    to them, and how many it shrinks, enlarges or bends out of shape, each with its most extreme example."""
+    if not images:
+        return []
+    count = len(images)
+    smallest = min(images, key=lambda image: image.width * image.height)
+    largest = max(images, key=lambda image: image.width * image.height)
+    header = f"preflight: {count} images of {what}, {smallest} to {largest}; "
+    if fit is None:
+        name = type(getattr(processor, "image_processor", None)).__name__
+        return [
+            header + f"how {name} resizes them is not known to the preflight, so detail lost is not reported"
+        ]
+    lines = [header + f"the image processor {fit.describe()}"]
+
+    def scale(image):
+        return fit.scale(image.width, image.height)
+
+    def mismatch(image):
+        return fit.aspect_mismatch(image.width, image.height)
+
+    if shrunk := [image for image in images if scale(image) < 1]:
+        most = min(shrunk, key=scale)
+        lines.append(
+            f"preflight: {some(shrunk, count)} {fit.larger} and downscaled, losing detail; the "
+            f"largest, {most} ({1 / scale(most):.1f}x smaller per edge), is {most.source}{fit.to_keep_detail}"
+        )
+    if enlarged := [image for image in images if scale(image) > 1]:
+        most = max(enlarged, key=scale)
+        lines.append(
+            f"preflight: {some(enlarged, count)} {fit.smaller} and upscaled; the smallest, {most} (enlarged "
+            f"{scale(most):.1f}x per edge), is {most.source}"
+        )
+    if bent := [image for image in images if mismatch(image) > EXTREME_ASPECT_RATIO]:
+        most = max(bent, key=mismatch)
+        lines.append(
+            f"preflight: {some(bent, count)} more than {EXTREME_ASPECT_RATIO:.0f}:1 off the model's "
+            f"shape; the most extreme, {most} ({fit.distortion(most.width, most.height)}), is {most.source}; pad "
+            "such images to the model's shape beforehand if their edges matter"
+        )
+    return lines
 
 
 def preflight(dataset, what: str, skip_bad_records: bool = False, num_workers: int = 0, log=print):
-    """The dataset, checked: raises a DataError listing every bad record, or drops them when asked to."""
-    problems = check_every_record(dataset, num_workers)
-    if not problems:
-        log(f"preflight: all {len(dataset)} records of {what} become training samples")
-        return dataset
-    if not skip_bad_records:
-        shown = "\n  ".join(message for _, message in problems[:50])
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+    """The dataset, checked: raises a DataError listing every bad record, or drops them when asked to.
+
+    Under a launcher every process must call it (the results are gathered); each then keeps the same records,
+    and only process 0 logs the report."""
+    rank, _ = process_rank_and_count()
+    fit = image_fit_of(dataset.processor)
+    checked, per_process = check_every_record(dataset, fit, num_workers)
+    problems = [c for c in checked if c.problem is not None]
+    if problems and not skip_bad_records:
+        summary = f"{len(problems)} of {len(dataset)} records of {what} cannot become training samples"
+        if rank != 0:  # the same outcome on every process; process 0 gives the list
+            raise DataError(f"{summary}; process 0 lists them")
+        listing = "\n  ".join(shown_problems(problems))
         raise DataError(
-            f"{len(problems)} of {len(dataset)} records of {what} cannot become training samples (found before "
-            f"loading the model):\n  {shown}{more}\nFix them, or pass --skip_bad_records true to train without them."
+            f"{summary} (found before loading the model):\n  {listing}\n"
+            "Fix them, or pass --skip_bad_records true to train without them."
         )
-    bad = {index for index, _ in problems}
-    log(f"preflight: skipping {len(bad)} of {len(dataset)} records of {what}:")
-    for _, message in problems[:50]:
-        log(f"  {message}")
-    if len(problems) > 50:
-        log(f"  ... and {len(problems) - 50} more")
-    dataset.records = [record for k, record in enumerate(dataset.records) if k not in bad]
+    sources = [record["source"] for record in dataset.records]
+    measured = [
+        MeasuredImage(sources[c.index], *size) for c in checked if c.problem is None for size in c.image_sizes
+    ]
+    if problems:
+        bad = {c.index for c in problems}
+        dataset.records = [record for k, record in enumerate(dataset.records) if k not in bad]
+    if rank == 0:
+        for line in preflight_report(len(checked), problems, per_process, what):
+            log(line)
+        for line in image_report(fit, measured, what, dataset.processor):
+            log(line)
     if not dataset.records:
         raise DataError(f"preflight: every record of {what} is bad; nothing left to train on")
     return dataset
+
+
+def shown_problems(problems: list[CheckedRecord]) -> list[str]:
+    shown = [c.problem for c in problems[:SHOWN_PROBLEMS]]
+    return shown + (
+        [f"... and {len(problems) - SHOWN_PROBLEMS} more"] if len(problems) > SHOWN_PROBLEMS else []
+    )
+
+
+def preflight_report(
+    count: int, problems: list[CheckedRecord], per_process: list[int], what: str
+) -> list[str]:
+    checked_by = ""
+    if len(per_process) > 1:  # evidence that the records were shared out, not checked again by every process
+        checked_by = (
+            f" (checked by {len(per_process)} processes: {' + '.join(map(str, per_process))} records)"
+        )
+    if not problems:
+        return [f"preflight: all {count} records of {what} become training samples{checked_by}"]
+    return [
+        f"preflight: skipping {len(problems)} of {count} records of {what}{checked_by}:",
+        *(f"  {line}" for line in shown_problems(problems)),
+    ]
