@@ -1,8 +1,16 @@
-"""Recipe arguments: YAML mirrored by dataclasses, command-line overrides by HF name, clear errors."""
+"""Recipe arguments: YAML mirrored by dataclasses, command-line overrides by HF name, clear errors, and no
+secret kept where the run would write it."""
+
+import json
+import os
+import pickle
+from types import SimpleNamespace
 
 import pytest
 
+from tests.conftest import REPO
 from vlm_recipes.config import ConfigError, parse_recipe_args
+from vlm_recipes.ds_config import check_deepspeed_config, secret_keys
 
 
 def write_yaml(tmp_path, text):
@@ -43,3 +51,22 @@ def test_local_model_folder_is_recorded_by_absolute_path(tmp_path, monkeypatch):
     config = write_yaml(tmp_path, BASE.format(out=tmp_path / "out").replace("some/model", "model"))
     model_args, _, _ = parse_recipe_args(config, [])
     assert model_args.model_name_or_path == str(tmp_path / "model")
+
+
+def test_hub_token_is_cleared_from_the_arguments_and_handed_over_in_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # restored after the test
+    config = write_yaml(tmp_path, BASE.format(out=tmp_path / "out"))
+    _, _, training_args = parse_recipe_args(config, ["--config", str(config), "--hub_token", "hf_SECRETabc"])
+    assert training_args.hub_token is None
+    assert os.environ["HF_TOKEN"] == "hf_SECRETabc"  # where huggingface_hub looks when given no token
+    assert b"hf_SECRETabc" not in pickle.dumps(training_args)  # what the Trainer writes as training_args.bin
+
+
+def test_deepspeed_config_holding_credentials_is_refused(tmp_path):
+    shipped = {path.name: json.loads(path.read_text()) for path in (REPO / "ds_configs").glob("*.json")}
+    assert shipped and all(secret_keys(config) == [] for config in shipped.values())
+    config = {**shipped["zero3_offload.json"], "comet": {"enabled": True, "api_key": "SECRET"}}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    training_args = SimpleNamespace(deepspeed=str(tmp_path / "ds.json"), allow_deepspeed_scheduler=False)
+    with pytest.raises(ConfigError, match=r"holds credentials \(comet.api_key\).*COMET_API_KEY"):
+        check_deepspeed_config(training_args, "never/loaded")

@@ -28,6 +28,7 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.distributed
+HUB_TOKEN = "hf_SECRETdoNotWriteMe0123456789"  # never used: push_to_hub is off, so nothing goes online
 
 
 def recipe_args(tiny_llava, demo_data, output_dir, *extra):
@@ -48,6 +49,7 @@ def full_run(tiny_llava, demo_data, tmp_path_factory):
         tiny_llava, demo_data, output_dir,
         "--max_steps", "30", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
         "--learning_rate", "2e-3", "--logging_steps", "5", "--save_strategy", "steps", "--save_steps", "15",
+        "--hub_token", HUB_TOKEN, "--report_to", "tensorboard",  # what could leak the token, written
     )  # fmt: skip
     result = launch_recipe("llava.py", args)
     return output_dir, args, result
@@ -67,6 +69,18 @@ def test_preflight_checks_each_record_once_across_the_processes(full_run, demo_d
         f"preflight: all 96 records of {demo_data / 'train.json'} become training samples "
         "(checked by 2 processes: 48 + 48 records)"
     ]
+
+
+def test_no_file_the_run_writes_holds_the_hub_token(full_run):
+    output_dir, _, result = full_run
+    written = [path for path in output_dir.rglob("*") if path.is_file()]
+    names = {path.name for path in written}
+    # The files that could hold it are there: the Trainer's pickled arguments, TensorBoard's copy of them.
+    assert {"training_args.bin", "trainer_state.json", "ds_config_resolved.json"} <= names
+    assert (output_dir / "checkpoint-15" / "training_args.bin").is_file()
+    assert any(name.startswith("events.out.tfevents") for name in names)
+    assert [path for path in written if HUB_TOKEN.encode() in path.read_bytes()] == []
+    assert HUB_TOKEN not in result.stdout + result.stderr
 
 
 def test_resolved_deepspeed_config_two_processes(full_run):

@@ -174,4 +174,31 @@ def parse_recipe_args(default_config: Path, argv: list[str] | None = None, extra
     for action in parser._actions:
         if action.dest in values:
             action.required = False
-    return parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    move_secrets_to_environment(next(a for a in parsed if isinstance(a, TrainingArguments)))
+    return parsed
+
+
+# TrainingArguments fields that hold a secret, and the environment variable the library using it reads instead.
+SECRET_ARGUMENTS = {"hub_token": "HF_TOKEN"}
+
+
+def move_secrets_to_environment(training_args: TrainingArguments) -> None:
+    """Clear the token fields of the arguments, handing each token to its library through the environment of
+    this process (and its children) instead.
+
+    The Trainer pickles the whole TrainingArguments, token included, into training_args.bin in every checkpoint
+    and in output_dir (its JSON and TensorBoard copies hide tokens; the pickle does not). huggingface_hub reads
+    HF_TOKEN when the Trainer passes it no token, so --push_to_hub still works.
+    """
+    for name, variable in SECRET_ARGUMENTS.items():
+        secret = getattr(training_args, name, None)
+        if secret:
+            os.environ[variable] = secret
+            setattr(training_args, name, None)
+            if training_args.process_index == 0:
+                print(
+                    f"--{name} is kept in memory only (as {variable} for this run), never written to "
+                    f"output_dir; `hf auth login` or {variable} in the environment keeps it off the command line",
+                    file=sys.stderr,
+                )

@@ -6,6 +6,7 @@ ResolvedDeepSpeedConfigCallback prints the config a run really handed to DeepSpe
 """
 
 import json
+import re
 from pathlib import Path
 
 from transformers.utils import logging
@@ -47,16 +48,32 @@ KNOWN_TEXT_HIDDEN_SIZES = {
 }
 
 
-def auto_keys(config: dict, prefix: str = "") -> list[str]:
-    """Dotted names of every "auto" value in a DeepSpeed config."""
-    keys = []
+def dotted_items(config: dict, prefix: str = ""):
+    """(dotted name, value) of every leaf of a nested config."""
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            keys += auto_keys(value, f"{name}.")
-        elif value == "auto":
-            keys.append(name)
-    return keys
+            yield from dotted_items(value, f"{name}.")
+        else:
+            yield name, value
+
+
+def auto_keys(config: dict) -> list[str]:
+    """Dotted names of every "auto" value in a DeepSpeed config."""
+    return [name for name, value in dotted_items(config) if value == "auto"]
+
+
+# Key names that hold credentials, such as DeepSpeed's comet monitor `api_key`.
+SECRET_KEY = re.compile(r"(^|_)(api_key|token|password|secret)$", re.IGNORECASE)
+
+
+def secret_keys(config: dict) -> list[str]:
+    """Dotted names of the credentials written into a DeepSpeed config."""
+    return [
+        name
+        for name, value in dotted_items(config)
+        if SECRET_KEY.search(name.rsplit(".", 1)[-1]) and isinstance(value, str) and value
+    ]
 
 
 def get_dotted(config: dict, dotted: str):
@@ -128,6 +145,12 @@ def check_deepspeed_config(training_args, model_name_or_path: str) -> None:
     if not path or not isinstance(path, str | Path) or not Path(path).is_file():
         return
     config = json.loads(Path(path).read_text())
+    if secrets := secret_keys(config):
+        raise ConfigError(
+            f"{path} holds credentials ({', '.join(secrets)}): the Trainer pickles the DeepSpeed config into "
+            "training_args.bin in every checkpoint, and the run writes it to ds_config_resolved.json. Delete "
+            "them and set them in the environment instead (DeepSpeed's comet monitor reads COMET_API_KEY)."
+        )
     if "scheduler" in config and training_args.allow_deepspeed_scheduler:
         logger.warning(
             f"{path}: its {config['scheduler'].get('type')} scheduler replaces --lr_scheduler_type "
