@@ -50,6 +50,7 @@ from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, load_records
 from vlm_recipes.ds_config import check_deepspeed_config
+from vlm_recipes.memory import check_host_memory
 from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
@@ -249,6 +250,10 @@ def main():
     # Contradictions between the DeepSpeed JSON and the arguments fail here, not at train().
     check_deepspeed_config(
         training_args, assembly_args.text_model_name_or_path if assemble else model_args.model_name_or_path
+    )
+    # An offload config that needs more host RAM than the machine has fails here, not by the kernel's hand later.
+    check_host_memory(
+        training_args, model_args, data_args, assembly_args.text_model_name_or_path if assemble else None
     )
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------

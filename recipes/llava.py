@@ -27,6 +27,7 @@ from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, load_records
 from vlm_recipes.ds_config import check_deepspeed_config
+from vlm_recipes.memory import check_host_memory
 from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
@@ -50,6 +51,7 @@ def main():
     check_deepspeed_config(
         training_args, model_args.model_name_or_path
     )  # contradictions fail here, not at train()
+    check_host_memory(training_args, model_args, data_args)  # offload needing more RAM than the machine has
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------
     train_records = load_records(

@@ -107,6 +107,13 @@ class RecipeTrainingArguments(TrainingArguments):
             "otherwise). Only for reproducing a config that has one, such as the seed's."
         },
     )
+    skip_memory_check: bool = field(
+        default=False,
+        metadata={
+            "help": "Start even when the memory planner estimates that the DeepSpeed offload config needs more "
+            "host RAM than this machine has available (refused otherwise, before any weights load)."
+        },
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, RecipeTrainingArguments)
