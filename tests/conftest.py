@@ -35,18 +35,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def recipe_command(recipe: str, args: list, num_processes: int = 2) -> list[str]:
-    """`accelerate launch --config_file accelerate_configs/zero3_offload.yaml recipes/<recipe> ARGS`."""
+def recipe_command(
+    recipe: str, args: list, num_processes: int = 2, accelerate_config=ACCELERATE_CONFIG
+) -> list[str]:
+    """`accelerate launch --config_file accelerate_configs/zero3_offload.yaml recipes/<recipe> ARGS`, or with
+    another accelerate config."""
     command = [
         sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
-        "--config_file", ACCELERATE_CONFIG, "--num_processes", num_processes,
+        "--config_file", accelerate_config, "--num_processes", num_processes,
         "--main_process_port", free_port(), REPO / "recipes" / recipe, *args,
     ]  # fmt: skip
     return [str(part) for part in command]
 
 
-def launch_recipe(recipe: str, args: list, num_processes: int = 2, check: bool = True, timeout: int = 600):
-    return run_command(recipe_command(recipe, args, num_processes), timeout=timeout, check=check)
+def launch_recipe(recipe: str, args: list, num_processes: int = 2, check: bool = True, timeout: int = 600,
+                  accelerate_config=ACCELERATE_CONFIG):  # fmt: skip
+    command = recipe_command(recipe, args, num_processes, accelerate_config)
+    return run_command(command, timeout=timeout, check=check)
 
 
 @pytest.fixture(scope="session")
