@@ -369,8 +369,9 @@ def main():
     # With stage3_gather_16bit_weights_on_model_save the full weights are gathered from all ranks and written
     # as safetensors (or just the adapter, for LoRA), next to the processor: an assembled model leaves stage 1
     # as a normal checkpoint that stage 2 loads with --model_name_or_path.
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
+    if training_args.save_final_model:
+        trainer.save_model(training_args.output_dir)
+        trainer.save_state()
     finish_run(trainer)  # all ranks done writing, then a clean exit (see its docstring)
 
 

@@ -154,8 +154,9 @@ def main():
     # ---- save ---------------------------------------------------------------------------------------------------
     # With stage3_gather_16bit_weights_on_model_save the full weights are gathered from all ranks and written
     # as safetensors (or just the adapter, for LoRA), next to the processor.
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
+    if training_args.save_final_model:
+        trainer.save_model(training_args.output_dir)
+        trainer.save_state()
     finish_run(trainer)  # all ranks done writing, then a clean exit (see its docstring)
 
 

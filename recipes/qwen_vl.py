@@ -24,6 +24,7 @@ from pathlib import Path
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, Trainer
 
+from vlm_recipes.attention import PACKED_VISION_ATTENTION, use_packed_vision_attention
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, load_records
@@ -122,12 +123,17 @@ def main():
         else None
     )
 
+    packed_vision = (
+        model_args.attn_implementation == PACKED_VISION_ATTENTION
+    )  # MODEL-SPECIFIC (see attention.py)
     model = AutoModelForImageTextToText.from_pretrained(
         model_args.model_name_or_path,
         dtype=training_dtype(training_args),
-        attn_implementation=model_args.attn_implementation,
+        attn_implementation="sdpa" if packed_vision else model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
     )
+    if packed_vision:  # one attention kernel per vision layer instead of one per 8x8-patch window
+        use_packed_vision_attention(model, model.config.vision_config)
 
     # MODEL-SPECIFIC: the vision tower is model.visual, whose merger (Qwen3-VL: also its deepstack mergers)
     # projects image features into the language model; set the tower first, then the merger.
@@ -182,8 +188,9 @@ def main():
     # ---- save ---------------------------------------------------------------------------------------------------
     # With stage3_gather_16bit_weights_on_model_save the full weights are gathered from all ranks and written
     # as safetensors (or just the adapter, for LoRA), next to the processor.
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
+    if training_args.save_final_model:
+        trainer.save_model(training_args.output_dir)
+        trainer.save_state()
     finish_run(trainer)  # all ranks done writing, then a clean exit (see its docstring)
 
 

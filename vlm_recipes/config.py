@@ -50,7 +50,13 @@ class ModelArguments:
             "help": "Linear layer names of the vision tower that also get LoRA adapters (none by default)."
         },
     )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": "eager, sdpa or flash_attention_2; Qwen-VL also sdpa_varlen (PyTorch's packed attention "
+            "kernel for the windowed vision tower, sdpa for the language model)."
+        },
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Run Python code shipped with the checkpoint. Off unless you trust it."},
@@ -99,6 +105,13 @@ class RecipeTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Train into an output_dir that already holds a finished model, replacing it."},
+    )
+    save_final_model: bool = field(
+        default=True,
+        metadata={
+            "help": "Write the trained model to output_dir at the end. false: train and report only (benchmarks, "
+            "dry runs); checkpoints still follow --save_strategy."
+        },
     )
     allow_deepspeed_scheduler: bool = field(
         default=False,

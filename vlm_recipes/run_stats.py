@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 RUN_STATS_DIR = "run_stats"
 GIB = 1024**3
+PROFILED_STEPS = 2
 
 
 def read_proc_kib(path: str, key: str) -> int | None:
@@ -58,11 +59,6 @@ class HostMemorySampler(threading.Thread):
         return self.peak_kib
 
 
-def median_after_warmup(values: list[float], warmup: int) -> float | None:
-    steady = values[warmup:] if len(values) > warmup else values
-    return statistics.median(steady) if steady else None
-
-
 class RunStatsCallback(TrainerCallback):
     """Records the wall time of every optimizer step (CUDA synchronised, so a step's GPU work is inside it),
     the peak GPU memory allocated and reserved, this process's peak RSS and the machine's peak memory in use."""
@@ -73,6 +69,8 @@ class RunStatsCallback(TrainerCallback):
         self.sampler: HostMemorySampler | None = None
         self.last: float | None = None
         self.baseline_used_kib = 0
+        self.profiler = None
+        self.profiled_steps: list[int] = []
 
     def synchronize(self):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -85,11 +83,45 @@ class RunStatsCallback(TrainerCallback):
         self.synchronize()
         self.last = time.perf_counter()
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        # VLM_RECIPES_PROFILE_DIR=<folder>: the PyTorch profiler over two steps after the warm-up, its op tables
+        # written there (scripts/benchmark.py --profile sets it).
+        folder = os.environ.get("VLM_RECIPES_PROFILE_DIR")
+        if folder and len(self.step_times) == self.warmup_steps and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities, record_shapes=False)
+            self.profiler.__enter__()
+
     def on_step_end(self, args, state, control, **kwargs):
         self.synchronize()
         now = time.perf_counter()
         self.step_times.append(now - self.last)
         self.last = now
+        if self.profiler and len(self.step_times) == self.warmup_steps + PROFILED_STEPS:
+            self.profiler.__exit__(None, None, None)  # its tables are written at the end, outside the timing
+            self.profiled_steps = list(range(self.warmup_steps, self.warmup_steps + PROFILED_STEPS))
+
+    def write_profile(self, folder: Path, rank: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        averages = self.profiler.key_averages()
+        for sort_by in ("self_cuda_time_total", "self_cpu_time_total", "cpu_time_total"):
+            try:
+                table = averages.table(sort_by=sort_by, row_limit=45, max_name_column_width=70)
+            except (AttributeError, KeyError, RuntimeError):  # no CUDA events on a CPU run
+                continue
+            (folder / f"rank{rank}_{sort_by}.txt").write_text(table)
+        self.profiler = False  # done; never again in this run
+        self.last = time.perf_counter()
+
+    def steady_step_times(self) -> list[float]:
+        """Step times after the warm-up, without the steps the profiler slowed down."""
+        return [
+            t
+            for k, t in enumerate(self.step_times)
+            if k >= self.warmup_steps and k not in self.profiled_steps
+        ]
 
     def stats(self, args, state) -> dict:
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -99,8 +131,9 @@ class RunStatsCallback(TrainerCallback):
             "world_size": args.world_size,
             "steps": len(self.step_times),
             "step_times_s": [round(t, 4) for t in self.step_times],
-            "median_step_time_s": median_after_warmup(self.step_times, self.warmup_steps),
-            "warmup_steps_excluded": min(self.warmup_steps, max(len(self.step_times) - 1, 0)),
+            "median_step_time_s": statistics.median(self.steady_step_times() or self.step_times or [0.0]),
+            "warmup_steps_excluded": self.warmup_steps,
+            "profiled_steps_excluded": self.profiled_steps,
             "num_input_tokens_seen": state.num_input_tokens_seen or None,
             "gpu_peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
             "gpu_peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
@@ -113,6 +146,8 @@ class RunStatsCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         stats = self.stats(args, state)
+        if self.profiled_steps:
+            self.write_profile(Path(os.environ["VLM_RECIPES_PROFILE_DIR"]), args.process_index)
         folder = Path(args.output_dir, RUN_STATS_DIR)
         os.makedirs(folder, exist_ok=True)
         (folder / f"rank{args.process_index}.json").write_text(json.dumps(stats, indent=1) + "\n")

@@ -1,0 +1,73 @@
+"""Packed (variable-length) attention for vision towers, from PyTorch itself: `--attn_implementation sdpa_varlen`.
+
+Qwen2.5-VL's vision tower attends within windows of 8x8 patches. With `sdpa` transformers runs one attention call
+per window (64 per 448x448 image, per layer, forward, recompute and backward) after a host-device sync; with a
+flash-attention implementation it runs one packed call per layer. flash-attn is a separate CUDA build that many
+machines lack; PyTorch (2.10+) ships the same kind of kernel as `torch.nn.attention.varlen.varlen_attn`. This
+module registers it with transformers under VARLEN_ATTENTION (the name contains "flash", which is what makes the
+model hand it the packed sequence boundaries) and switches a loaded model's vision tower to it; the language model
+keeps sdpa (the model loads with sdpa; `--attn_implementation sdpa_varlen` in the Qwen-VL recipe).
+
+Where the packed kernel cannot run (CPU, fp32, an older PyTorch) the function computes the same thing window by
+window with sdpa, exactly like transformers' own fallback, so a config that names it runs anywhere.
+"""
+
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+VARLEN_ATTENTION = "flash_varlen_torch"  # registered name; "flash" routes the packed boundaries to it
+PACKED_VISION_ATTENTION = "sdpa_varlen"  # what users write in a YAML / on the command line
+
+
+def packed_kernel_available(query: torch.Tensor) -> bool:
+    if not (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def varlen_attention_forward(
+    module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, is_causal=False, **kwargs
+):
+    """transformers' attention-function signature: query/key/value are (1, heads, tokens, head_dim), the
+    boundaries of the packed sequences come as cu_seq_lens_q/k; returns ((1, tokens, heads, head_dim), None)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or attention_mask is not None or query.shape[0] != 1:
+        raise ValueError(
+            f"attn_implementation {PACKED_VISION_ATTENTION!r} is for packed vision towers (Qwen-VL); use sdpa for this model"
+        )
+    causal = bool(is_causal or getattr(module, "is_causal", False))
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    if packed_kernel_available(query) and dropout == 0.0:
+        from torch.nn.attention.varlen import varlen_attn
+
+        max_q = kwargs.get("max_length_q") or int((cu_q[1:] - cu_q[:-1]).max())
+        max_k = kwargs.get("max_length_k") or int((cu_k[1:] - cu_k[:-1]).max())
+        window = (-1, 0) if causal else (-1, -1)
+        out = varlen_attn(q, k, v, cu_q.int(), cu_k.int(), max_q, max_k, scale=scaling, window_size=window)
+        return out.unsqueeze(0), None
+    # Window by window, as transformers does for sdpa.
+    lengths_q, lengths_k = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
+    outputs = [
+        F.scaled_dot_product_attention(
+            qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), dropout_p=dropout, scale=scaling,
+            is_causal=causal,
+        ).transpose(0, 1)
+        for qs, ks, vs in zip(q.split(lengths_q), k.split(lengths_k), v.split(lengths_k), strict=True)
+    ]  # fmt: skip
+    return torch.cat(outputs).unsqueeze(0), None
+
+
+def use_packed_vision_attention(model, vision_config) -> None:
+    """Switch a loaded model's vision tower to the packed kernel; the language model keeps sdpa.
+
+    Set after loading, on the vision config alone: transformers checks a name containing "flash" against the
+    flash-attn packages and the kernels hub at load time, and this function is neither.
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    vision_config._attn_implementation_internal = VARLEN_ATTENTION
