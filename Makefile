@@ -9,6 +9,9 @@ MODEL ?= llava
 CONFIG ?=
 ACCELERATE_CONFIG ?= accelerate_configs/zero3_offload.yaml
 ARGS ?=
+WHEELHOUSE ?= wheelhouse
+WHEEL_TARGET ?=
+WHEEL_ARGS ?=
 # One process per GPU; with no GPU, 2 CPU processes over gloo (the real distributed path).
 NUM_PROCESSES ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" -gt 0 ] && echo $$n || echo 2)
 
@@ -22,7 +25,7 @@ else
 INSTALLED :=
 endif
 
-.PHONY: help install demo train test lint format clean
+.PHONY: help install demo train test lint format clean wheelhouse benchmark
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +47,12 @@ train: $(INSTALLED)  ## fine-tune: make train MODEL=llava|qwen-vl|chexagent [CON
 
 test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 10 minutes on 2 cores)
 	$(PYTHON) -m pytest
+
+wheelhouse: $(INSTALLED)  ## wheels for an air-gapped node: [WHEELHOUSE=dir] [WHEEL_TARGET="--python-version 3.12 --platform ..."] [WHEEL_ARGS="--have node_freeze.txt --only deepspeed"]
+	$(PYTHON) scripts/build_wheelhouse.py --out $(WHEELHOUSE) --target "$(WHEEL_TARGET)" $(WHEEL_ARGS)
+
+benchmark: $(INSTALLED)  ## on a GPU: make benchmark ARGS="--model qwen2.5-vl-3b --configs seed,zero2_offload" (docs/benchmarks.md)
+	$(PYTHON) scripts/benchmark.py run $(ARGS)
 
 lint: $(INSTALLED)  ## ruff lint and format check
 	$(PYTHON) -m ruff check .

@@ -403,23 +403,52 @@ def run(args) -> None:
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
+def planner_gpu_estimate_gib(row: dict) -> float | None:
+    """The memory planner's GPU estimate (allocated bytes) for a benchmark row, where it models the config: a
+    shipped config without --ds_set changes. The seed's config is our zero3_offload with fp16."""
+    from vlm_recipes.memory import (
+        SPEED_ORDER,
+        Hardware,
+        TrainingSetup,
+        estimate,
+        load_model_config,
+        model_shape,
+    )
+
+    name = "zero3_offload" if row["config"] == "seed" else row["config"]
+    if name not in SPEED_ORDER:
+        return None
+    known = load_model_config(row["model"])
+    shape = model_shape(*known)
+    setup = TrainingSetup.from_mode(
+        row["mode"], train_vision_tower=row["mode"] == "full", micro_batch=row["micro_batch"],
+        seq_len=row["seq_len"], gradient_checkpointing=row["gradient_checkpointing"],
+    )  # fmt: skip
+    hardware = Hardware(gpus_per_node=row["num_processes"])
+    return estimate(name, shape, setup, hardware).gpu_allocated_bytes / 2**30
+
+
 def report(args) -> None:
     lines = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
-    header = ("| model | mode | config | micro-batch x accum x GPUs | step (s) | tokens/s | MFU | GPU peak alloc / "
-              "reserved (GiB) | host RSS peak (GiB) |")  # fmt: skip
+    header = ("| model | mode | config | attention, checkpointing | micro-batch x accum x GPUs | step (s) | "
+              "tokens/s | MFU | GPU peak alloc / reserved (GiB) | planner GPU estimate (GiB) | host RSS peak (GiB) |")  # fmt: skip
     print(header)
-    print("|" + " --- |" * 9)
+    print("|" + " --- |" * 11)
     for x in lines:
+        setting = f"{x['attn_implementation']}, {'on' if x['gradient_checkpointing'] else 'off'}"
+        batch = f"{x['micro_batch']} x {x['grad_accum']} x {x['num_processes']}"
         if x["status"] != "ok":
-            print(f"| {x['model']} | {x['mode']} | {x['config']} | {x['micro_batch']} x {x['grad_accum']} x "
-                  f"{x['num_processes']} | failed: {x['error'][:120]} | | | | |")  # fmt: skip
+            print(f"| {x['model']} | {x['mode']} | {x['config']} | {setting} | {batch} | failed: "
+                  f"{x['error'][:120]} | | | | | |")  # fmt: skip
             continue
         mfu = f"{100 * x['mfu']:.1f}%" if x.get("mfu") is not None else "-"
+        planned = planner_gpu_estimate_gib(x)
+        measured = x["gpu_peak_allocated_gib"]
+        planned_text = f"{planned:.1f} ({100 * (planned - measured) / measured:+.0f}%)" if planned else "-"
         print(
-            f"| {x['model']} | {x['mode']} | {x['config']} | {x['micro_batch']} x {x['grad_accum']} x "
-            f"{x['num_processes']} | {x['median_step_time_s']:.2f} | {x['tokens_per_s']:,.0f} | {mfu} | "
-            f"{x['gpu_peak_allocated_gib']:.1f} / {x['gpu_peak_reserved_gib']:.1f} | "
-            f"{x['host_peak_rss_gib_per_process']:.1f} |"
+            f"| {x['model']} | {x['mode']} | {x['config']} | {setting} | {batch} | {x['median_step_time_s']:.2f} | "
+            f"{x['tokens_per_s']:,.0f} | {mfu} | {measured:.1f} / {x['gpu_peak_reserved_gib']:.1f} | "
+            f"{planned_text} | {x['host_peak_rss_gib_per_process']:.1f} |"
         )
     if args.plot:
         import matplotlib

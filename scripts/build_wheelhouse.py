@@ -90,28 +90,34 @@ def main() -> None:
         pip("wheel", "--no-deps", "--quiet", "-w", str(out), str(REPO))
 
     # 2. Resolve the whole dependency tree for the target (metadata only), using the wheels built above.
-    # With --have, the node's versions are constraints, so that the resolver keeps what the node has wherever
-    # the requirements allow it.
-    have = installed_on_node(args.have)
     with tempfile.TemporaryDirectory() as scratch:
-        report, constraints = Path(scratch, "report.json"), Path(scratch, "constraints.txt")
-        constraints.write_text("".join(f"{name}=={version}\n" for name, version in have.items()))
+        report = Path(scratch, "report.json")
         pip(
-            "install", "--dry-run", "--quiet", "--ignore-installed", "--only-binary=:all:", "-c", str(constraints),
+            "install", "--dry-run", "--quiet", "--ignore-installed", "--only-binary=:all:",
             "--find-links", str(out), "--target", str(Path(scratch, "t")), "--report", str(report),
             *target, *requirements,
         )  # fmt: skip
         resolved = json.loads(report.read_text())["install"]
 
-    # 3. Download every resolved wheel the node does not already have at that version.
-    missing = []
-    for item in resolved:
-        name, version = canonical(item["metadata"]["name"]), item["metadata"]["version"]
-        if name in SOURCE_ONLY or have.get(name) == version:
+    # 3. Download what the node lacks: walk the dependency tree from the requirements, and stop at every package
+    # the node has (its own build, e.g. torch for its CUDA, brings its own dependencies).
+    have = installed_on_node(args.have)
+    by_name = {canonical(item["metadata"]["name"]): item for item in resolved}
+    wanted, missing, seen = [requirement_name(line) for line in requirements], [], set()
+    while wanted:
+        name = wanted.pop()
+        if name in seen or name not in by_name:
             continue
+        seen.add(name)
         if name in have:
-            print(f"  {name}: the node has {have[name]}, the requirements resolve to {version}; downloading")
-        missing.append(f"{name}=={version}")
+            continue
+        metadata = by_name[name]["metadata"]
+        if name not in SOURCE_ONLY:
+            missing.append(f"{name}=={metadata['version']}")
+        # "extra ==" requirements belong to optional features nobody asked for.
+        wanted += [
+            requirement_name(dep) for dep in metadata.get("requires_dist", []) if "extra ==" not in dep
+        ]
     if missing:
         pip("download", "--no-deps", "--quiet", "--only-binary=:all:", "-d", str(out), *target, *missing)
     wheels = sorted(p.name for p in out.glob("*.whl"))
