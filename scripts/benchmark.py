@@ -442,8 +442,8 @@ def report(args) -> None:
                   f"{x['error'][:120]} | | | | | |")  # fmt: skip
             continue
         mfu = f"{100 * x['mfu']:.1f}%" if x.get("mfu") is not None else "-"
-        planned = planner_gpu_estimate_gib(x)
         measured = x["gpu_peak_allocated_gib"]
+        planned = planner_gpu_estimate_gib(x) if measured else None  # a CPU run has no GPU peak
         planned_text = f"{planned:.1f} ({100 * (planned - measured) / measured:+.0f}%)" if planned else "-"
         print(
             f"| {x['model']} | {x['mode']} | {x['config']} | {setting} | {batch} | {x['median_step_time_s']:.2f} | "
@@ -457,7 +457,11 @@ def report(args) -> None:
         import matplotlib.pyplot as plt
 
         ok = [x for x in lines if x["status"] == "ok"]
-        labels = [f"{x['model']} {x['mode']}\n{x['config']} (x{x['grad_accum']})" for x in ok]
+        labels = [
+            f"{k + 1}. {x['model']} {x['config'][:40]}\n{x['attn_implementation']}, checkpointing "
+            f"{'on' if x['gradient_checkpointing'] else 'off'}, {x['micro_batch']} x {x['grad_accum']}"
+            for k, x in enumerate(ok)
+        ]  # one bar per run, even where two runs share a setting
         figure, axis = plt.subplots(figsize=(10, 0.45 * len(ok) + 1.5))
         axis.barh(labels, [x["tokens_per_s"] for x in ok])
         axis.invert_yaxis()
