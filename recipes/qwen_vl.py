@@ -12,7 +12,9 @@ Configs: qwen_vl.yaml (Qwen2.5-VL-7B-Instruct: merger + language model, vision t
 (the same for Qwen2.5-VL-3B), qwen_vl_lora.yaml (LoRA on the language model, merger trained),
 qwen_vl_demo.yaml (the tiny CPU demo). Any field can be overridden on the command line by its name.
 --min_pixels / --max_pixels cap each image's resolution, and so its number of tokens: the main GPU-memory knob
-for these models. Re-running the same command resumes from the last complete checkpoint in output_dir.
+for these models. --attn_implementation sdpa_varlen (the real-size configs' default) gives the windowed vision
+tower one packed attention kernel per layer (vlm_recipes/attention.py; 1.8x faster on an H100, docs/benchmarks.md).
+Re-running the same command resumes from the last complete checkpoint in output_dir.
 
 Tested: 2 CPU processes over gloo (tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL, tests/test_qwen_vl_recipe.py).
 The original 2023 Qwen-VL exists only as remote code for old transformers and is not supported.

@@ -221,9 +221,10 @@ def set_dotted(config: dict, dotted: str, value: str) -> None:
     *parents, last = dotted.split(".")
     for key in parents:
         config = config.setdefault(key, {})
-    config[last] = (
-        json.loads(value) if value[:1] in '[{"tn0123456789-' or value in ("true", "false") else value
-    )
+    try:
+        config[last] = json.loads(value)  # numbers, true/false, lists, quoted strings
+    except ValueError:
+        config[last] = value  # a bare word: a string
 
 
 def launch_config(config_name: str, run_dir: Path, ds_set: list[str]) -> tuple[Path, Path | None, list[str]]:

@@ -1,5 +1,7 @@
-"""A folder of wheels for every requirement, so that a node without internet installs with
-`pip install --no-index --find-links wheelhouse -r requirements.txt`. Run through `make wheelhouse`.
+"""A folder of wheels for every requirement, so that a node without internet installs from it with
+`pip install --no-index --find-links wheelhouse ...` (the exact command is printed at the end; `-e .` is replaced by
+this repository's own wheel, since an editable install would need setuptools from the index). Run through
+`make wheelhouse`.
 
     make wheelhouse                                   # this machine's Python and platform, every requirement
     make wheelhouse WHEEL_TARGET="--python-version 3.12 --platform manylinux_2_28_x86_64"   # another node's
@@ -123,7 +125,8 @@ def main() -> None:
     wheels = sorted(p.name for p in out.glob("*.whl"))
     size = sum(p.stat().st_size for p in out.glob("*.whl")) / 2**20
     print(f"{out}: {len(wheels)} wheels, {size:.0f} MiB. On the node:")
-    print(f"  pip install --no-index --find-links {out} -r requirements.txt")
+    packages = [shlex.quote(line) for line in requirements] + ([] if args.only else ["vlm-recipes"])
+    print(f"  pip install --no-index --find-links {out} {' '.join(packages)}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ ResolvedDeepSpeedConfigCallback prints the config a run really handed to DeepSpe
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -132,19 +133,23 @@ def resolve_ds_config(ds_config_path: str | Path, training_args, model_config, w
     return hf_config.config
 
 
+def ds_config_in_use(training_args) -> Path | None:
+    """The DeepSpeed JSON of this run: --deepspeed, or the one `accelerate launch` names in the environment."""
+    path = training_args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    return Path(path) if isinstance(path, str | Path) and Path(path).is_file() else None
+
+
 def check_deepspeed_config(training_args, model_name_or_path: str) -> None:
     """Refuse, before any weights load, a DeepSpeed config that would silently override or contradict the
     arguments: a scheduler block, or hard-coded values that differ from what the arguments imply."""
-    import os
-
     from transformers import AutoConfig
 
     from vlm_recipes.config import ConfigError
 
-    path = training_args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if not path or not isinstance(path, str | Path) or not Path(path).is_file():
+    path = ds_config_in_use(training_args)
+    if path is None:
         return
-    config = json.loads(Path(path).read_text())
+    config = json.loads(path.read_text())
     if secrets := secret_keys(config):
         raise ConfigError(
             f"{path} holds credentials ({', '.join(secrets)}): the Trainer pickles the DeepSpeed config into "

@@ -677,13 +677,10 @@ def recommend(
 
 def meminfo_available_bytes() -> float | None:
     """MemAvailable of /proc/meminfo: what the kernel can hand out without swapping or killing."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    from vlm_recipes.run_stats import read_proc_kib
+
+    kib = read_proc_kib("/proc/meminfo", "MemAvailable")
+    return kib * 1024 if kib is not None else None
 
 
 def setup_from_arguments(model_args, data_args, training_args) -> TrainingSetup:
@@ -710,11 +707,6 @@ def hardware_from_environment(training_args) -> Hardware:
     )
 
 
-def ds_config_in_use(training_args) -> Path | None:
-    path = training_args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    return Path(path) if isinstance(path, str | Path) and Path(path).is_file() else None
-
-
 def host_estimate_for_run(ds_path: Path, shape, setup, hardware) -> ConfigEstimate:
     """The planner's estimate for the DeepSpeed JSON this run uses (a shipped one, or a copy of one)."""
     name = ds_path.stem if (DS_CONFIG_DIR / ds_path.name).is_file() else None
@@ -736,6 +728,7 @@ def check_host_memory(training_args, model_args, data_args, model_name_or_path: 
     """Refuse, before any weights load, a DeepSpeed offload config whose host-RAM need on this node exceeds
     MemAvailable, instead of letting the kernel kill the run later. `--skip_memory_check true` skips it."""
     from vlm_recipes.config import ConfigError
+    from vlm_recipes.ds_config import ds_config_in_use
 
     ds_path = ds_config_in_use(training_args)
     if ds_path is None or getattr(training_args, "skip_memory_check", False):

@@ -112,8 +112,6 @@ class RunStatsCallback(TrainerCallback):
             except (AttributeError, KeyError, RuntimeError):  # no CUDA events on a CPU run
                 continue
             (folder / f"rank{rank}_{sort_by}.txt").write_text(table)
-        self.profiler = False  # done; never again in this run
-        self.last = time.perf_counter()
 
     def steady_step_times(self) -> list[float]:
         """Step times after the warm-up, without the steps the profiler slowed down."""
