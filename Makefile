@@ -25,7 +25,7 @@ else
 INSTALLED :=
 endif
 
-.PHONY: help install demo train test lint format clean wheelhouse benchmark
+.PHONY: help install demo train test test-gpu lint format clean wheelhouse benchmark
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ train: $(INSTALLED)  ## fine-tune: make train MODEL=llava|qwen-vl|chexagent [CON
 
 test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 10 minutes on 2 cores)
 	$(PYTHON) -m pytest
+
+test-gpu: $(INSTALLED)  ## on CUDA: the tiny end-to-end tests in bf16 then fp16, one process per GPU; results in runs/test-gpu/ [ARGS="-k llava"]
+	PYTHON=$(PYTHON) NUM_PROCESSES=$(NUM_PROCESSES) bash scripts/test_gpu.sh $(ARGS)
 
 wheelhouse: $(INSTALLED)  ## wheels for an air-gapped node: [WHEELHOUSE=dir] [WHEEL_TARGET="--python-version 3.12 --platform ..."] [WHEEL_ARGS="--have node_freeze.txt --only deepspeed"]
 	$(PYTHON) scripts/build_wheelhouse.py --out $(WHEELHOUSE) --target "$(WHEEL_TARGET)" $(WHEEL_ARGS)

@@ -1,5 +1,13 @@
 """Shared fixtures: a tiny LLaVA and demo data built by the repository's own scripts, and a launcher that
-runs a recipe through `accelerate launch` with the real ZeRO-3 offload config, as a user would."""
+runs a recipe through `accelerate launch` with the real ZeRO-3 offload config, as a user would.
+
+Where the end-to-end tests run is set by two environment variables; unset, they run as CI runs them:
+    VLM_TEST_NUM_PROCESSES   processes per launch (default 2: CPU processes over gloo)
+    VLM_TEST_PRECISION       bf16 or fp16: every launched recipe gets --bf16 true / --fp16 true, the real CUDA
+                             path on a GPU (without one, bf16 runs on the CPU; DeepSpeed refuses fp16 there);
+                             unset: the recipes' own choice, fp32 on a CPU
+`make test-gpu` (scripts/test_gpu.sh) sets both and runs the tests marked gpu_e2e.
+"""
 
 import json
 import os
@@ -14,6 +22,31 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE_CONFIG = REPO / "accelerate_configs" / "zero3_offload.yaml"
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "warning", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+NUM_PROCESSES = int(os.environ.get("VLM_TEST_NUM_PROCESSES") or 2)
+PRECISION = os.environ.get("VLM_TEST_PRECISION") or None
+if PRECISION not in (None, "bf16", "fp16") or NUM_PROCESSES < 1:
+    raise pytest.UsageError(
+        f"VLM_TEST_PRECISION={PRECISION!r}, VLM_TEST_NUM_PROCESSES={NUM_PROCESSES}: the precision is bf16, fp16 "
+        "or unset (the recipes' choice: fp32 on a CPU), the number of processes at least 1"
+    )
+TRAINING_DTYPE = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[PRECISION]
+
+
+def requires_processes(count: int, why: str):
+    """Skip a test that only means something with `count` or more processes per launch."""
+    return pytest.mark.skipif(
+        NUM_PROCESSES < count,
+        reason=f"{why}: needs {count}+ processes, VLM_TEST_NUM_PROCESSES={NUM_PROCESSES}",
+    )
+
+
+def with_precision(args: list) -> list:
+    """The recipe arguments with VLM_TEST_PRECISION's flag added, unless they name a precision themselves.
+    Without CUDA, also --use_cpu true, which accelerate asks for before it trains in bf16 on a CPU."""
+    if not PRECISION or any(str(arg).split("=", 1)[0] in ("--bf16", "--fp16") for arg in args):
+        return list(args)
+    return [*args, f"--{PRECISION}", "true", *([] if torch.cuda.is_available() else ["--use_cpu", "true"])]
 
 
 def run_command(command: list, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
@@ -36,20 +69,20 @@ def free_port() -> int:
 
 
 def recipe_command(
-    recipe: str, args: list, num_processes: int = 2, accelerate_config=ACCELERATE_CONFIG
+    recipe: str, args: list, num_processes: int | None = None, accelerate_config=ACCELERATE_CONFIG
 ) -> list[str]:
     """`accelerate launch --config_file accelerate_configs/zero3_offload.yaml recipes/<recipe> ARGS`, or with
-    another accelerate config."""
+    another accelerate config; VLM_TEST_NUM_PROCESSES processes unless told, in VLM_TEST_PRECISION."""
     command = [
         sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
-        "--config_file", accelerate_config, "--num_processes", num_processes,
-        "--main_process_port", free_port(), REPO / "recipes" / recipe, *args,
+        "--config_file", accelerate_config, "--num_processes", num_processes or NUM_PROCESSES,
+        "--main_process_port", free_port(), REPO / "recipes" / recipe, *with_precision(args),
     ]  # fmt: skip
     return [str(part) for part in command]
 
 
-def launch_recipe(recipe: str, args: list, num_processes: int = 2, check: bool = True, timeout: int = 600,
-                  accelerate_config=ACCELERATE_CONFIG):  # fmt: skip
+def launch_recipe(recipe: str, args: list, num_processes: int | None = None, check: bool = True,
+                  timeout: int = 600, accelerate_config=ACCELERATE_CONFIG):  # fmt: skip
     command = recipe_command(recipe, args, num_processes, accelerate_config)
     return run_command(command, timeout=timeout, check=check)
 
@@ -97,6 +130,9 @@ def demo_data(tmp_path_factory) -> Path:
 # ---- what the end-to-end tests check --------------------------------------------------------------------------
 
 TINY_HIDDEN_SIZE = 64  # the tiny models' text hidden size, which fills the bucket-size "auto"s
+# A resumed run's losses against the uninterrupted run's: in fp32 on a CPU they repeat to the last digits; in
+# 16 bits on a GPU they drift a little (rounding, and kernels such as attention's backward are not deterministic).
+RESUME_RTOL = 1e-3 if PRECISION is None else 2e-2
 
 
 def logged_losses(output_dir) -> dict[int, float]:
@@ -114,7 +150,11 @@ def assert_resolved_like_arguments(config, *, world_size, micro, accumulation, l
     assert config["optimizer"]["params"] == {
         "lr": learning_rate, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0
     }  # fmt: skip
-    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False  # fp32 on CPU
+    # fp32 on CPU; on a GPU VLM_TEST_PRECISION's, fp16 with DeepSpeed's dynamic loss scaling (loss_scale 0)
+    assert config["bf16"]["enabled"] is (PRECISION == "bf16")
+    assert config["fp16"]["enabled"] is (PRECISION == "fp16")
+    if PRECISION == "fp16":
+        assert config["fp16"]["loss_scale"] == 0
     zero = config["zero_optimization"]
     assert zero["reduce_bucket_size"] == TINY_HIDDEN_SIZE * TINY_HIDDEN_SIZE
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * TINY_HIDDEN_SIZE * TINY_HIDDEN_SIZE)
@@ -124,18 +164,34 @@ def assert_resolved_like_arguments(config, *, world_size, micro, accumulation, l
     assert "scheduler" not in config  # the Trainer's --lr_scheduler_type is what runs
 
 
+# Weights that hold the same numbers: bit for bit in fp32; in a bf16/fp16 run, which computes with 16-bit copies of
+# fp32 numbers, the same once in that dtype, give or take one rounding (torch.testing's default tolerances for it).
+RTOL, ATOL = {None: (0.0, 0.0), "bf16": (1.6e-2, 1e-5), "fp16": (1e-3, 1e-5)}[PRECISION]
+
+
+def equal_in_training_precision(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    return torch.allclose(actual.to(TRAINING_DTYPE), expected.to(TRAINING_DTYPE), rtol=RTOL, atol=ATOL)
+
+
+def assert_equal_in_training_precision(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    torch.testing.assert_close(
+        actual.to(TRAINING_DTYPE), expected.to(TRAINING_DTYPE), rtol=RTOL, atol=ATOL, msg=name
+    )
+
+
 def assert_saved_equals_trained(model_class, output_dir, checkpoint: str, initial_dir) -> set[str]:
     """The model saved in output_dir reloads with from_pretrained and equals, tensor for tensor, the fp32
-    weights DeepSpeed trained (consolidated from the ZeRO shards of `checkpoint`). Returns the names of the
-    tensors that differ from the initial model's."""
+    weights DeepSpeed trained (consolidated from the ZeRO shards of `checkpoint`; in a bf16/fp16 run, as that
+    dtype). Returns the names of the tensors that differ from the initial model's."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     output_dir = Path(output_dir)
-    assert (output_dir / "model.safetensors").stat().st_size > 500_000  # full weights, not a ZeRO stub
+    weight_bytes = (output_dir / "model.safetensors").stat().st_size
+    assert weight_bytes > 500_000 * TRAINING_DTYPE.itemsize // 4  # full weights, not a ZeRO stub
     reloaded = model_class.from_pretrained(output_dir).state_dict()
     trained = get_fp32_state_dict_from_zero_checkpoint(str(output_dir / checkpoint))
     assert trained and set(trained) <= set(reloaded)
     for name, tensor in trained.items():
-        torch.testing.assert_close(reloaded[name], tensor, rtol=0, atol=0, msg=name)
+        assert_equal_in_training_precision(reloaded[name], tensor, name)
     initial = model_class.from_pretrained(initial_dir).state_dict()
-    return {name for name in initial if not torch.equal(initial[name], reloaded[name])}
+    return {name for name in initial if not equal_in_training_precision(initial[name], reloaded[name])}

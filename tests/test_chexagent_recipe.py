@@ -2,7 +2,8 @@
 the dataset, the prompt format and its labels, and CheXagent's two stages end to end (real `accelerate launch`,
 real ZeRO-3 + CPU offload config, 2 processes over gloo): stage 1 assembles the model from a tiny SigLIP and a
 tiny Phi checkpoint and trains only the projector, stage 2 starts from stage 1's output, and the final model
-reloads with from_pretrained and answers held-out synthetic studies better than the untrained one."""
+reloads with from_pretrained and answers held-out synthetic studies better than the untrained one. The two
+stages also run on CUDA in bf16 and fp16 (`make test-gpu`, marked gpu_e2e)."""
 
 import importlib.util
 import json
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from tests.conftest import (
+    NUM_PROCESSES,
     REPO,
     assert_resolved_like_arguments,
     assert_saved_equals_trained,
@@ -245,10 +247,13 @@ def stage2(stage1, xray_data):
 
 
 @pytest.mark.distributed
+@pytest.mark.gpu_e2e
 def test_stage1_assembles_the_parts_and_trains_only_the_projector(stage1, tiny_model):
     output_dir, result = stage1
     config = json.loads((output_dir / "ds_config_resolved.json").read_text())
-    assert_resolved_like_arguments(config, world_size=2, micro=4, accumulation=2, learning_rate=2e-3)
+    assert_resolved_like_arguments(
+        config, world_size=NUM_PROCESSES, micro=4, accumulation=2, learning_rate=2e-3
+    )
     # The tiny model is what assembling its parts must give, up to the fresh projector: so the vision encoder
     # and the language model (with the image token's rows) were loaded whole into the ZeRO-3-partitioned model.
     changed = assert_saved_equals_trained(
@@ -266,6 +271,7 @@ def test_stage1_assembles_the_parts_and_trains_only_the_projector(stage1, tiny_m
 
 
 @pytest.mark.distributed
+@pytest.mark.gpu_e2e
 def test_stage2_from_stage1_trains_projector_and_language_model(stage1, stage2):
     stage1_dir, _ = stage1
     losses = logged_losses(stage2)
@@ -277,6 +283,7 @@ def test_stage2_from_stage1_trains_projector_and_language_model(stage1, stage2):
 
 
 @pytest.mark.distributed
+@pytest.mark.gpu_e2e
 def test_final_model_answers_held_out_studies_better_than_the_untrained_one(stage2, tiny_model, xray_data):
     def accuracy(model_dir, name):
         result = run_command([

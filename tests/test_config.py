@@ -7,10 +7,12 @@ import pickle
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.ds_config import check_deepspeed_config, secret_keys
+from vlm_recipes.training import training_dtype
 
 
 def write_yaml(tmp_path, text):
@@ -30,6 +32,18 @@ def test_yaml_values_then_command_line_overrides(tmp_path):
     assert model_args.model_name_or_path == "some/model" and data_args.dataset_path == "data.json"
     assert training_args.learning_rate == 3e-4 and data_args.max_length == 64  # command line wins
     assert training_args.bf16 is False and training_args.fp16 is False  # auto precision: fp32 without a GPU
+
+
+def test_weights_load_in_the_training_precision_but_fp16_without_deepspeed_in_fp32():
+    def dtype(bf16=False, fp16=False, deepspeed=False):
+        return training_dtype(
+            SimpleNamespace(bf16=bf16, fp16=fp16, deepspeed_plugin=object() if deepspeed else None)
+        )
+
+    assert dtype() == torch.float32
+    assert dtype(bf16=True) == dtype(bf16=True, deepspeed=True) == torch.bfloat16
+    assert dtype(fp16=True, deepspeed=True) == torch.float16  # DeepSpeed keeps fp32 master weights
+    assert dtype(fp16=True) == torch.float32  # torch's GradScaler refuses fp16 gradients
 
 
 def test_unknown_yaml_key_names_the_file_and_the_closest_field(tmp_path):

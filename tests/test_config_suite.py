@@ -1,6 +1,7 @@
 """Every shipped accelerate/DeepSpeed config pair that can run on CPU trains the tiny LLaVA on 2 processes and
 saves a loadable model; scripts/show_ds_config.py shows exactly the config a run handed to DeepSpeed; the
-multi-node config runs as 2 machines x 1 process over loopback through scripts/launch_slurm.sh."""
+multi-node config runs as 2 machines x 1 process over loopback through scripts/launch_slurm.sh. The DeepSpeed
+configs and single_gpu also run on CUDA in bf16 and fp16 (`make test-gpu`, marked gpu_e2e)."""
 
 import json
 import os
@@ -9,14 +10,29 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import LlavaForConditionalGeneration
 
-from tests.conftest import QUIET_ENV, REPO, free_port, launch_recipe, logged_losses, run_command
+from tests.conftest import (
+    NUM_PROCESSES,
+    QUIET_ENV,
+    REPO,
+    free_port,
+    launch_recipe,
+    logged_losses,
+    requires_processes,
+    run_command,
+    with_precision,
+)
+from vlm_recipes.memory import DEEPSPEED_CONFIGS  # every shipped DeepSpeed JSON, the planner's list
 
 pytestmark = pytest.mark.distributed
 
-DEEPSPEED_CONFIGS = ["zero2", "zero2_offload", "zero3", "zero3_offload", "zero3_offload_optimizer"]
-OTHER_CONFIGS = ["multi_gpu", "fsdp2", "single_gpu"]
+OTHER_CONFIGS = [
+    pytest.param("multi_gpu", marks=requires_processes(2, "data parallel across processes")),
+    pytest.param("fsdp2", marks=requires_processes(2, "sharded across processes")),
+    pytest.param("single_gpu", marks=pytest.mark.gpu_e2e),
+]
 
 
 def demo_args(tiny_llava, demo_data, output_dir, *extra):
@@ -28,15 +44,13 @@ def demo_args(tiny_llava, demo_data, output_dir, *extra):
     ]  # fmt: skip
 
 
-def launch_with(config: str, args: list, num_processes: int = 2):
-    command = [
-        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
-        "--config_file", REPO / "accelerate_configs" / f"{config}.yaml", "--num_processes", num_processes,
-        "--main_process_port", free_port(), REPO / "recipes" / "llava.py", *args,
-    ]  # fmt: skip
-    return run_command(command)
+def launch_with(config: str, args: list, num_processes: int | None = None):
+    return launch_recipe(
+        "llava.py", args, num_processes, accelerate_config=REPO / "accelerate_configs" / f"{config}.yaml"
+    )
 
 
+@pytest.mark.gpu_e2e
 @pytest.mark.parametrize("config", DEEPSPEED_CONFIGS)
 def test_deepspeed_config_trains_and_show_ds_config_matches_the_run(tiny_llava, demo_data, tmp_path, config):
     output_dir = tmp_path / config
@@ -49,8 +63,8 @@ def test_deepspeed_config_trains_and_show_ds_config_matches_the_run(tiny_llava, 
     LlavaForConditionalGeneration.from_pretrained(output_dir)  # full weights, whatever the ZeRO stage
     used = json.loads((output_dir / "ds_config_resolved.json").read_text())
     shown = run_command(
-        [sys.executable, "scripts/show_ds_config.py", "--recipe", "llava", "--world_size", "2", "--json",
-         "--accelerate_config", f"accelerate_configs/{config}.yaml", "--", *args]
+        [sys.executable, "scripts/show_ds_config.py", "--recipe", "llava", "--world_size", NUM_PROCESSES, "--json",
+         "--accelerate_config", f"accelerate_configs/{config}.yaml", "--", *with_precision(args)]
     )  # fmt: skip
     assert json.loads(shown.stdout) == used
 
@@ -58,9 +72,7 @@ def test_deepspeed_config_trains_and_show_ds_config_matches_the_run(tiny_llava, 
 @pytest.mark.parametrize("config", OTHER_CONFIGS)
 def test_other_accelerate_configs_train(tiny_llava, demo_data, tmp_path, config):
     output_dir = tmp_path / config
-    launch_with(
-        config, demo_args(tiny_llava, demo_data, output_dir), num_processes=1 if config == "single_gpu" else 2
-    )
+    launch_with(config, demo_args(tiny_llava, demo_data, output_dir), 1 if config == "single_gpu" else None)
     assert sorted(logged_losses(output_dir)) == [1, 2, 3]
     assert not (output_dir / "ds_config_resolved.json").exists()  # no DeepSpeed here
     LlavaForConditionalGeneration.from_pretrained(output_dir)
@@ -92,6 +104,9 @@ def fake_slurm_tools(bin_dir):
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU only: on one machine both 1-process 'nodes' would take GPU 0"
+)
 def test_multi_node_config_on_loopback_through_launch_slurm(tiny_llava, demo_data, tmp_path):
     fake_slurm_tools(tmp_path)
     output_dir = tmp_path / "multi-node"

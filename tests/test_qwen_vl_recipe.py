@@ -1,6 +1,7 @@
 """The Qwen-VL recipe: label masks on the real Qwen chat layout, end-to-end 2-process ZeRO-3 offload runs of
 tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL (loss falls, saved model equals the trained weights), LoRA, pixel caps,
-and the mixed text-only / image batch guard."""
+and the mixed text-only / image batch guard. The tiny Qwen2.5-VL run also runs on CUDA in bf16 and fp16
+(`make test-gpu`, marked gpu_e2e)."""
 
 import importlib.util
 import json
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tests.conftest import (
+    NUM_PROCESSES,
     QUIET_ENV,
     REPO,
     assert_resolved_like_arguments,
@@ -22,6 +24,7 @@ from tests.conftest import (
     launch_recipe,
     logged_losses,
     recipe_command,
+    requires_processes,
 )
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.masking import IGNORE_INDEX, tokenize_conversation
@@ -141,7 +144,13 @@ def recipe_args(model_dir, demo_data, output_dir, *extra):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "family",
+    [
+        pytest.param(family, marks=pytest.mark.gpu_e2e) if family == "qwen2.5-vl" else family
+        for family in FAMILIES
+    ],
+)
 def test_full_finetune_two_processes(tiny_model, demo_data, tmp_path, family):
     model_dir, output_dir = tiny_model(family), tmp_path / family
     args = recipe_args(
@@ -153,7 +162,9 @@ def test_full_finetune_two_processes(tiny_model, demo_data, tmp_path, family):
     losses = logged_losses(output_dir)
     assert losses[24] < 0.7 * losses[4], losses
     config = json.loads((output_dir / "ds_config_resolved.json").read_text())
-    assert_resolved_like_arguments(config, world_size=2, micro=4, accumulation=1, learning_rate=2e-3)
+    assert_resolved_like_arguments(
+        config, world_size=NUM_PROCESSES, micro=4, accumulation=1, learning_rate=2e-3
+    )
     changed = assert_saved_equals_trained(AutoModelForImageTextToText, output_dir, "checkpoint-24", model_dir)
     assert any(".merger." in name for name in changed)
     assert not any(name.startswith("model.visual.blocks") for name in changed)  # vision tower frozen
@@ -201,6 +212,7 @@ def mixed_dataset(demo_data, path):
 
 
 @pytest.mark.distributed
+@requires_processes(2, "rank 0 gets only text-only batches while rank 1 gets images")
 def test_rank_with_only_text_batches_does_not_hang(tiny_model, demo_data, tmp_path):
     dataset = mixed_dataset(demo_data, tmp_path / "mixed.json")
     common = [

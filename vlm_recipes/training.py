@@ -101,10 +101,14 @@ def lora_target_pattern(linear_names_by_module: dict[str, list[str]]) -> str:
 
 
 def training_dtype(training_args) -> torch.dtype:
+    """The dtype the model is loaded in: that of the precision, except fp16 without DeepSpeed. DeepSpeed's fp16
+    keeps fp32 master weights and scales the loss itself; without it the Trainer's fp16 is torch's autocast,
+    whose GradScaler needs fp32 weights ("Attempting to unscale FP16 gradients" otherwise)."""
     if training_args.bf16:
         return torch.bfloat16
     if training_args.fp16:
-        return torch.float16
+        under_deepspeed = getattr(training_args, "deepspeed_plugin", None) is not None
+        return torch.float16 if under_deepspeed else torch.float32
     return torch.float32
 
 
