@@ -27,7 +27,9 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -262,7 +264,9 @@ def launch_config(config_name: str, run_dir: Path, ds_set: list[str]) -> tuple[P
     return yaml_path, ds_path, extra
 
 
-def error_summary(log: str, returncode: int) -> str:
+def error_summary(log: str, returncode) -> str:
+    if isinstance(returncode, str):  # "timeout after N s"
+        return returncode
     for needle in ("CUDA out of memory", "OutOfMemoryError", "out of memory", "Killed", "Error: ", "Error"):
         lines = [line for line in log.splitlines() if needle in line and "ChildFailedError" not in line]
         if lines:
@@ -314,23 +318,32 @@ def run_one(args, config_name: str, model_dir: Path, data_dir: Path, params: int
     start = time.time()
     env = {**os.environ, **({"VLM_RECIPES_PROFILE_DIR": str(run_dir / "profile")} if args.profile else {})}
     with open(run_dir / "log.txt", "w") as log:
-        result = subprocess.run(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout
+        # Its own process group, so that a run past --timeout is stopped with every rank it started (they would
+        # hold the GPU's memory for the next config); it is recorded as a failed row and the others still run.
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        try:
+            returncode = process.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            returncode = f"timeout after {args.timeout} s"
     log_text = (run_dir / "log.txt").read_text(errors="replace")
     global_batch = args.micro_batch * grad_accum * args.num_processes
     line = {
         "model": args.model, "config": label, "mode": args.mode, "micro_batch": args.micro_batch,
         "grad_accum": grad_accum, "num_processes": args.num_processes, "seq_len": seq_len,
         "image_size": known.image_size, "gradient_checkpointing": not args.no_gradient_checkpointing,
-        "attn_implementation": args.attn_implementation, "parameters": params, "steps": args.steps,
+        "attn_implementation": args.attn_implementation, "recipe_args": args.recipe_args,
+        "parameters": params, "steps": args.steps,
         "wall_s": round(time.time() - start, 1), "command": shlex.join(command), "run_dir": str(run_dir),
     }  # fmt: skip
     stats = read_run_stats(run_dir)
-    if result.returncode != 0 or not stats:
+    if returncode != 0 or not stats:
         print(log_text[-3000:])
-        return {**line, "status": "failed", "returncode": result.returncode,
-                "error": error_summary(log_text, result.returncode)}  # fmt: skip
+        return {**line, "status": "failed", "returncode": returncode,
+                "error": error_summary(log_text, returncode)}  # fmt: skip
     rank0 = stats[0]
     step = statistics.median(s["median_step_time_s"] for s in stats)
     tokens_per_s = global_batch * seq_len / step
@@ -404,10 +417,12 @@ def run(args) -> None:
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
-def planner_gpu_estimate_gib(row: dict) -> float | None:
-    """The memory planner's GPU estimate (allocated bytes) for a benchmark row, where it models the config: a
-    shipped config without --ds_set changes. The seed's config is our zero3_offload with fp16."""
+def planner_estimate_gib(row: dict) -> tuple[float, float] | None:
+    """The memory planner's (GPU allocated, host per process) estimate for a benchmark row, from the DeepSpeed
+    config the run resolved; None where the planner does not model the run (Liger kernels)."""
+    from vlm_recipes.known_models import KNOWN_MODELS
     from vlm_recipes.memory import (
+        LIBRARIES,
         SPEED_ORDER,
         Hardware,
         TrainingSetup,
@@ -416,40 +431,53 @@ def planner_gpu_estimate_gib(row: dict) -> float | None:
         model_shape,
     )
 
-    name = "zero3_offload" if row["config"] == "seed" else row["config"]
-    if name not in SPEED_ORDER:
+    name = "zero3_offload" if row["config"] == "seed" else re.split(r"[+(]", row["config"], maxsplit=1)[0]
+    if name not in SPEED_ORDER or "liger" in row.get("recipe_args", ""):
         return None
-    known = load_model_config(row["model"])
-    shape = model_shape(*known)
+    shape = model_shape(*load_model_config(row["model"]))
+    known = KNOWN_MODELS[row["model"]]
     setup = TrainingSetup.from_mode(
         row["mode"], train_vision_tower=row["mode"] == "full", micro_batch=row["micro_batch"],
         seq_len=row["seq_len"], gradient_checkpointing=row["gradient_checkpointing"],
+        image_tokens=known.image_tokens(row["image_size"]), dataloader_workers=0,
     )  # fmt: skip
     hardware = Hardware(gpus_per_node=row["num_processes"])
-    return estimate(name, shape, setup, hardware).gpu_allocated_bytes / 2**30
+    planned = estimate(name, shape, setup, hardware, ds_config=row.get("resolved_ds_config"))
+    # Data-loader workers are processes of their own: the measured RSS is the training process's.
+    host = planned.host_bytes - planned.host[LIBRARIES] * (1 - 1 / row["num_processes"])
+    return planned.gpu_allocated_bytes / 2**30, host / row["num_processes"] / 2**30
+
+
+def versus(planned: float, measured: float) -> str:
+    return f"{planned:.1f} ({100 * (planned - measured) / measured:+.0f}%)"
 
 
 def report(args) -> None:
     lines = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
-    header = ("| model | mode | config | attention, checkpointing | micro-batch x accum x GPUs | step (s) | "
-              "tokens/s | MFU | GPU peak alloc / reserved (GiB) | planner GPU estimate (GiB) | host RSS peak (GiB) |")  # fmt: skip
+    header = ("| model | mode | config | attention, checkpointing, other | micro-batch x accum x GPUs | step (s) | "
+              "tokens/s | MFU | GPU peak alloc / reserved (GiB) | planner GPU (GiB) | host RSS peak (GiB) | "
+              "planner host (GiB) |")  # fmt: skip
     print(header)
-    print("|" + " --- |" * 11)
+    print("|" + " --- |" * 12)
     for x in lines:
+        other = x.get("recipe_args", "").replace("--", "").replace(" true", "")
         setting = f"{x['attn_implementation']}, {'on' if x['gradient_checkpointing'] else 'off'}"
+        setting += f", {other}" if other else ""
         batch = f"{x['micro_batch']} x {x['grad_accum']} x {x['num_processes']}"
         if x["status"] != "ok":
             print(f"| {x['model']} | {x['mode']} | {x['config']} | {setting} | {batch} | failed: "
-                  f"{x['error'][:120]} | | | | | |")  # fmt: skip
+                  f"{x['error'][:160]} | | | | | | |")  # fmt: skip
             continue
         mfu = f"{100 * x['mfu']:.1f}%" if x.get("mfu") is not None else "-"
-        measured = x["gpu_peak_allocated_gib"]
-        planned = planner_gpu_estimate_gib(x) if measured else None  # a CPU run has no GPU peak
-        planned_text = f"{planned:.1f} ({100 * (planned - measured) / measured:+.0f}%)" if planned else "-"
+        measured_gpu, measured_host = x["gpu_peak_allocated_gib"], x["host_peak_rss_gib_per_process"]
+        planned = planner_estimate_gib(x) if measured_gpu else None  # a CPU run has no GPU peak
+        gpu_text, host_text = (
+            (versus(planned[0], measured_gpu), versus(planned[1], measured_host)) if planned else ("-", "-")
+        )
         print(
             f"| {x['model']} | {x['mode']} | {x['config']} | {setting} | {batch} | {x['median_step_time_s']:.2f} | "
-            f"{x['tokens_per_s']:,.0f} | {mfu} | {measured:.1f} / {x['gpu_peak_reserved_gib']:.1f} | "
-            f"{planned_text} | {x['host_peak_rss_gib_per_process']:.1f} |"
+            f"{x['tokens_per_s']:,.0f} | {mfu} | {measured_gpu:.1f} / {x['gpu_peak_reserved_gib']:.1f} | "
+            f"{gpu_text} | {measured_host:.1f} | {host_text} |"
         )
     if args.plot:
         import matplotlib

@@ -24,6 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_ONLY = {"deepspeed"}  # no published wheels: built here
 
@@ -104,6 +108,8 @@ def main() -> None:
     # 3. Download what the node lacks: walk the dependency tree from the requirements, and stop at every package
     # the node has (its own build, e.g. torch for its CUDA, brings its own dependencies).
     have = installed_on_node(args.have)
+    # A package the node has at a version the requirements refuse (pillow 12 for pillow>=13, say) is fetched too.
+    specifiers = {requirement_name(line): Requirement(line).specifier for line in requirements}
     by_name = {canonical(item["metadata"]["name"]): item for item in resolved}
     wanted, missing, seen = [requirement_name(line) for line in requirements], [], set()
     while wanted:
@@ -111,7 +117,7 @@ def main() -> None:
         if name in seen or name not in by_name:
             continue
         seen.add(name)
-        if name in have:
+        if name in have and Version(have[name]) in specifiers.get(name, SpecifierSet()):
             continue
         metadata = by_name[name]["metadata"]
         if name not in SOURCE_ONLY:

@@ -36,19 +36,28 @@ DS_CONFIG_DIR = REPO / "ds_configs"
 
 # ---- constants: where each value comes from ----------------------------------------------------------------------
 
-# Fastest first. This is the expected order (less communication and no PCIe traffic to the host first); the
-# measured order is in docs/benchmarks.md once the benchmark has run on GPUs.
+# Fastest first: less communication and no PCIe traffic to the host first. Measured on one H100 for the offload
+# configs (docs/benchmarks.md, Qwen2.5-VL-3B, 8 x 512 tokens): zero2_offload_gpu_accum 4,669 tokens/s at 16
+# accumulation steps, zero2_offload 2,875 and zero3_offload_optimizer 1,837 at 4, the seed's zero3_offload 219.
 SPEED_ORDER = (
     "single_gpu",
     "multi_gpu",
     "zero2",
     "zero3",
     "fsdp2",
+    "zero2_offload_gpu_accum",
     "zero2_offload",
     "zero3_offload_optimizer",
     "zero3_offload",
 )
-DEEPSPEED_CONFIGS = ("zero2", "zero2_offload", "zero3", "zero3_offload", "zero3_offload_optimizer")
+DEEPSPEED_CONFIGS = (
+    "zero2",
+    "zero2_offload_gpu_accum",
+    "zero2_offload",
+    "zero3",
+    "zero3_offload",
+    "zero3_offload_optimizer",
+)
 
 BYTES_16BIT = 2  # the recipes train in bf16 (fp16 on older GPUs): every GPU run keeps 16-bit weights
 BYTES_FP32 = 4
@@ -58,8 +67,9 @@ BYTES_FP32 = 4
 # run of the tiny LLaVA in bf16, whose model states are a few MB (0.92 in fp32).
 HOST_BASELINE_CPU_GIB = 0.95
 # The same for a process that has initialised CUDA (cuBLAS, cuDNN and the kernels of torch are mapped and
-# partly resident). An estimate, to be confirmed by the benchmark (docs/benchmarks.md).
-HOST_BASELINE_CUDA_GIB = 3.0
+# partly resident). Measured on one H100 (docs/benchmarks.md): single_gpu runs of Qwen2.5-VL-3B peak at 7.9 GiB
+# RSS, 0.9 GiB above the 7.0 GiB of bf16 weights they load on the host first; 1.5 keeps a margin.
+HOST_BASELINE_CUDA_GIB = 1.5
 # Each data-loader worker is a forked process; what it touches of the parent's heap, plus decoded images and
 # the tokenizer, stops being shared. An estimate, to be confirmed by the benchmark.
 DATALOADER_WORKER_GIB = 0.5
@@ -75,12 +85,13 @@ ALLOCATOR_SLACK = 1.10
 # of the partitions). Measured once, on a calibration run that is not one of the test cases: 71M-parameter
 # LLaVA-shaped model, ZeRO-3 offload, bf16, 2 processes, micro-batch 2: peak RSS 1.985 GiB per process.
 CPU_RUN_SLACK = 1.35
-# DeepSpeed's estimators multiply host memory by additional_buffer_factor (default 1.5). On a GPU machine its
-# offloaded states live in pinned memory, which torch's host allocator rounds up to powers of two; the one host
-# peak measured so far (field notes: seed config, Qwen2.5-VL-3B shape, 98.5 GiB RSS on an H100) is 1.5-1.8x the
-# raw state bytes, so DeepSpeed's default is kept there. On a CPU-only run nothing is pinned, and CPU_RUN_SLACK
-# covers the rest: factor 1.
+# DeepSpeed's estimators multiply host memory by additional_buffer_factor (default 1.5). On a GPU machine the
+# offloaded states live in pinned memory. Measured on one H100 (docs/benchmarks.md, Qwen2.5-VL-3B, every weight
+# trained): with the parameters offloaded too (the seed's zero3_offload) the peak RSS is 1.47x the raw state bytes,
+# so DeepSpeed's default is kept; with the optimizer alone offloaded (zero2_offload, zero3_offload_optimizer) it is
+# 1.17-1.19x. On a CPU-only run nothing is pinned, and CPU_RUN_SLACK covers the rest: factor 1.
 HOST_BUFFER_FACTOR_CUDA = 1.5
+HOST_BUFFER_FACTOR_CUDA_OPTIMIZER_ONLY = 1.2
 HOST_BUFFER_FACTOR_CPU = 1.0
 # The recommendation keeps this fraction of GPU memory and of host RAM free.
 DEFAULT_MARGIN = 0.10
@@ -97,6 +108,11 @@ LAYER_BACKWARD_PEAK_FACTOR = 2
 # Peak bytes per logit (micro_batch x seq_len x vocab) of the loss: bf16 logits, transformers' fp32 upcast,
 # log-softmax and its gradient. Measured here: 12.0 (transformers' ForCausalLMLoss, forward + backward, bf16).
 LOGITS_PEAK_BYTES_PER_ELEMENT = 12
+# A LoRA adapter saves, per token, about this many bytes per input feature of the layer it adapts: the dropout
+# mask (1 byte) and the 16-bit copy of the dropped input that lora_A's weight gradient needs, plus small change.
+# Measured on one H100: LLaVA-1.5-7B, LoRA r=64 on all seven projections, dropout 0.05, bf16, 4 x 1024 tokens,
+# no checkpointing: 46.2 GiB peak, 15 GiB above the same model's activations without adapters (docs/benchmarks.md).
+LORA_ACTIVATION_BYTES_PER_INPUT = 3.5
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Module names by role, across the model families the recipes train (LLaVA/CheXagent-2, Qwen2/2.5/3-VL).
@@ -129,6 +145,8 @@ class ModelShape:
     default_image_tokens: int = 0
     # For LoRA: sum of (in_features + out_features) of the language model's linear layers, by layer name.
     language_linear_widths: dict = field(default_factory=dict)
+    # The same for in_features alone (what an adapter's activations scale with), summed over all layers.
+    language_linear_inputs: dict = field(default_factory=dict)
     param_numels: tuple = ()  # every parameter's size (ZeRO-3 keeps the small ones gathered)
 
     @property
@@ -193,7 +211,7 @@ def model_shape(name: str, config) -> ModelShape:
         for module in model.modules()
         if type(module).__name__ in block_classes
     ]
-    language_linear_widths = {}
+    language_linear_widths, language_linear_inputs = {}, {}
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module_role(module_name) == "language":
             if module_name.endswith("lm_head"):
@@ -201,6 +219,7 @@ def model_shape(name: str, config) -> ModelShape:
             leaf = module_name.rsplit(".", 1)[-1]
             width = module.in_features + module.out_features
             language_linear_widths[leaf] = language_linear_widths.get(leaf, 0) + width
+            language_linear_inputs[leaf] = language_linear_inputs.get(leaf, 0) + module.in_features
     text = getattr(config, "text_config", None) or config
     vision = getattr(config, "vision_config", None)
     heads = text.num_attention_heads
@@ -227,6 +246,7 @@ def model_shape(name: str, config) -> ModelShape:
         patches_per_image_token=merge * merge,
         default_image_tokens=default_image_tokens(vision, merge),
         language_linear_widths=language_linear_widths,
+        language_linear_inputs=language_linear_inputs,
         param_numels=tuple(sorted(p.numel() for p in model.parameters())),
     )
 
@@ -327,9 +347,10 @@ class Hardware:
     def world_size(self) -> int:
         return self.gpus_per_node * self.nodes
 
-    @property
-    def host_buffer_factor(self) -> float:
-        return HOST_BUFFER_FACTOR_CPU if self.device == "cpu" else HOST_BUFFER_FACTOR_CUDA
+    def host_buffer_factor(self, params_offloaded: bool = True) -> float:
+        if self.device == "cpu":
+            return HOST_BUFFER_FACTOR_CPU
+        return HOST_BUFFER_FACTOR_CUDA if params_offloaded else HOST_BUFFER_FACTOR_CUDA_OPTIMIZER_ONLY
 
     @property
     def process_baseline_bytes(self) -> float:
@@ -377,6 +398,12 @@ def activation_bytes(shape: ModelShape, setup: TrainingSetup) -> dict[str, float
         vision = layer_activation_bytes(patches, *vision_dims) + (
             shape.vision_layers * patches * shape.vision_hidden_size * BYTES_16BIT
         )
+    if setup.lora_r:
+        adapted_inputs = sum(shape.language_linear_inputs.get(name, 0) for name in setup.lora_targets)
+        adapters = tokens * adapted_inputs * LORA_ACTIVATION_BYTES_PER_INPUT  # every layer's, together
+        if setup.gradient_checkpointing:  # only the layer being recomputed holds its adapters' activations
+            adapters = LAYER_BACKWARD_PEAK_FACTOR * adapters / max(shape.num_layers, 1)
+        language += adapters
     logits = tokens * shape.vocab_size * LOGITS_PEAK_BYTES_PER_ELEMENT
     # The loss's peak comes at the start of backward, before any layer is recomputed: the logits and the layer
     # stack's peaks do not add, except for the checkpointed inputs, alive throughout.
@@ -397,6 +424,21 @@ def activation_bytes(shape: ModelShape, setup: TrainingSetup) -> dict[str, float
 
 def read_ds_config(config_name: str) -> dict:
     return json.loads((DS_CONFIG_DIR / f"{config_name}.json").read_text())
+
+
+def offload_ratio(ds_config: dict) -> float:
+    """The share of the optimizer states offloaded: ZeRO-3's offload_optimizer.ratio (1.0 unless set)."""
+    zero = ds_config.get("zero_optimization", {})
+    return float((zero.get("offload_optimizer") or {}).get("ratio", 1.0))
+
+
+def accumulates_fp32_on_gpu(ds_config: dict) -> bool:
+    """ZeRO-1/2 with the optimizer offloaded and data_types.grad_accum_dtype fp32: DeepSpeed (0.19) accumulates the
+    gradients of this GPU's partition in an fp32 buffer on the GPU and copies them to the host once per optimizer
+    step, instead of round-tripping them through host memory after every micro-batch."""
+    stage = ds_config.get("zero_optimization", {}).get("stage")
+    wanted = (ds_config.get("data_types") or {}).get("grad_accum_dtype")
+    return stage in (1, 2) and offloads(ds_config)["optimizer"] and wanted in ("fp32", "float32")
 
 
 def offloads(ds_config: dict) -> dict[str, bool]:
@@ -431,14 +473,14 @@ def deepspeed_buffer_bytes(shape: ModelShape, zero: dict) -> dict[str, float]:
     return {"DeepSpeed buffers": 2 * reduce_bucket * BYTES_16BIT}
 
 
-def deepspeed_model_states(config_name: str, trainable: int, shape: ModelShape, hardware: Hardware) -> tuple:
+def deepspeed_model_states(ds_config: dict, trainable: int, shape: ModelShape, hardware: Hardware) -> tuple:
     """(bytes per GPU, bytes per node of host RAM) of the trainable parameters' states, by DeepSpeed's own
     estimators (16-bit weights and gradients, fp32 master weights and Adam moments)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    ds_config = read_ds_config(config_name)
     offload = offloads(ds_config)
+    factor = hardware.host_buffer_factor(params_offloaded=offload["param"])
     if ds_config["zero_optimization"]["stage"] == 3:
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
             total_params=trainable,
@@ -448,7 +490,7 @@ def deepspeed_model_states(config_name: str, trainable: int, shape: ModelShape, 
             cpu_offload=offload["optimizer"],
             cpu_offload_params=offload["param"],
             zero_init=True,  # the recipes build the model after TrainingArguments: zero.Init partitions it
-            additional_buffer_factor=hardware.host_buffer_factor,
+            additional_buffer_factor=factor,
         )
     else:
         cpu, gpu = estimate_zero2_model_states_mem_needs(
@@ -456,7 +498,7 @@ def deepspeed_model_states(config_name: str, trainable: int, shape: ModelShape, 
             num_gpus_per_node=hardware.gpus_per_node,
             num_nodes=hardware.nodes,
             cpu_offload=offload["optimizer"],
-            additional_buffer_factor=hardware.host_buffer_factor,
+            additional_buffer_factor=factor,
         )
     return gpu, cpu
 
@@ -526,27 +568,42 @@ def states_fsdp2(shape, hardware, trainable, frozen) -> tuple[dict, dict]:
     return gpu, host
 
 
-def states_deepspeed(config_name, shape, hardware, trainable, frozen) -> tuple[dict, dict]:
-    ds_config = read_ds_config(config_name)
+def states_deepspeed(ds_config: dict, shape, hardware, trainable, frozen) -> tuple[dict, dict]:
     zero, offload = ds_config["zero_optimization"], offloads(ds_config)
-    ds_gpu, ds_host = deepspeed_model_states(config_name, trainable, shape, hardware)
+    ds_gpu, ds_host = deepspeed_model_states(ds_config, trainable, shape, hardware)
     gpu, host = {"trainable states (DeepSpeed's estimate)": ds_gpu}, {}
+    world = hardware.world_size
     if any(offload.values()):
         host["trainable states (DeepSpeed's estimate)"] = ds_host
     else:  # what DeepSpeed counts on the host without offload is the model as loaded, before partitioning
         host["weights loaded on the host first (DeepSpeed's estimate)"] = ds_host
+    if offload["optimizer"] and not offload["param"]:
+        # DeepSpeed's estimators count only the 16-bit weights on the GPU here. Measured on one H100
+        # (docs/benchmarks.md): zero2_offload and zero3_offload_optimizer peaks exceed everything else counted by
+        # the 16-bit gradients of every trainable parameter (their partition, under ZeRO-3).
+        gpu["16-bit gradients"] = trainable * BYTES_16BIT / (world if zero["stage"] == 3 else 1)
+    if accumulates_fp32_on_gpu(ds_config):
+        gpu["fp32 gradient accumulation (this GPU's partition)"] = trainable * BYTES_FP32 / world
+    kept = 1.0 - offload_ratio(ds_config)
+    if offload["optimizer"] and kept > 0:
+        # ZeRO-3's partial offload: this share of the fp32 master weights and Adam moments (12 bytes per parameter)
+        # stays on the GPU, and leaves the host. Measured (LLaVA-1.5-7B, ratio 0.7): 16% under this estimate.
+        gpu["optimizer states kept on the GPU (1 - offload ratio)"] = (
+            kept * trainable * 3 * BYTES_FP32 / world
+        )
+        host["trainable states (DeepSpeed's estimate)"] *= 1.0 - kept
     frozen_bytes = frozen * BYTES_16BIT
     if zero["stage"] == 3 and offload["param"]:
         host["frozen weights (partitioned, offloaded)"] = (
-            frozen_bytes / hardware.nodes * hardware.host_buffer_factor
+            frozen_bytes / hardware.nodes * hardware.host_buffer_factor()
         )
     elif zero["stage"] == 3:
-        gpu["frozen weights (partitioned)"] = frozen_bytes / hardware.world_size
+        gpu["frozen weights (partitioned)"] = frozen_bytes / world
     else:
         gpu["frozen weights"] = frozen_bytes
         # Without zero.Init every process loads the whole model on the host before DeepSpeed moves it.
         host["frozen weights loaded on the host first"] = (
-            frozen_bytes * hardware.gpus_per_node * hardware.host_buffer_factor
+            frozen_bytes * hardware.gpus_per_node * hardware.host_buffer_factor(params_offloaded=False)
         )
     gpu.update(deepspeed_buffer_bytes(shape, zero))
     if zero["stage"] == 3:
@@ -559,22 +616,31 @@ def states_deepspeed(config_name, shape, hardware, trainable, frozen) -> tuple[d
     return gpu, host
 
 
-def model_states(config_name: str, shape: ModelShape, setup: TrainingSetup, hardware: Hardware) -> tuple:
+def model_states(config_name, shape, setup, hardware, ds_config: dict | None = None) -> tuple:
     """(GPU items, host items per node) of weights, gradients, optimizer state and buffers."""
     trainable, frozen = parameter_split(shape, setup)
     if config_name in ("single_gpu", "multi_gpu"):
         return states_without_deepspeed(shape, setup, hardware, trainable, frozen)
     if config_name == "fsdp2":
         return states_fsdp2(shape, hardware, trainable, frozen)
-    return states_deepspeed(config_name, shape, hardware, trainable, frozen)
+    ds_config = ds_config if ds_config is not None else read_ds_config(config_name)
+    return states_deepspeed(ds_config, shape, hardware, trainable, frozen)
 
 
 LIBRARIES, WORKERS = "libraries, per process", "data-loader workers"
 PROCESS_OVERHEADS = (LIBRARIES, WORKERS)
 
 
-def estimate(config_name: str, shape: ModelShape, setup: TrainingSetup, hardware: Hardware) -> ConfigEstimate:
-    gpu, host = model_states(config_name, shape, setup, hardware)
+def estimate(
+    config_name: str,
+    shape: ModelShape,
+    setup: TrainingSetup,
+    hardware: Hardware,
+    ds_config: dict | None = None,
+) -> ConfigEstimate:
+    """`ds_config`: a DeepSpeed JSON of one's own (resolved or with "auto"), estimated instead of the shipped file
+    `config_name`."""
+    gpu, host = model_states(config_name, shape, setup, hardware, ds_config)
     gpu.update(activation_bytes(shape, setup))
     processes = hardware.gpus_per_node
     host[LIBRARIES] = processes * hardware.process_baseline_bytes
@@ -708,20 +774,8 @@ def hardware_from_environment(training_args) -> Hardware:
 
 
 def host_estimate_for_run(ds_path: Path, shape, setup, hardware) -> ConfigEstimate:
-    """The planner's estimate for the DeepSpeed JSON this run uses (a shipped one, or a copy of one)."""
-    name = ds_path.stem if (DS_CONFIG_DIR / ds_path.name).is_file() else None
-    if name is None:  # a user's own JSON: estimate it as the shipped config with the same stage and offloads
-        config = json.loads(ds_path.read_text())
-        wanted = (config.get("zero_optimization", {}).get("stage"), offloads(config))
-        name = next(
-            (
-                c
-                for c in DEEPSPEED_CONFIGS
-                if (read_ds_config(c)["zero_optimization"]["stage"], offloads(read_ds_config(c))) == wanted
-            ),
-            "zero3_offload",
-        )
-    return estimate(name, shape, setup, hardware)
+    """The planner's estimate for the DeepSpeed JSON this run uses: a shipped one, a copy, or one's own."""
+    return estimate(ds_path.stem, shape, setup, hardware, ds_config=json.loads(ds_path.read_text()))
 
 
 def check_host_memory(training_args, model_args, data_args, model_name_or_path: str | None = None) -> None:
@@ -764,7 +818,9 @@ def check_host_memory(training_args, model_args, data_args, model_name_or_path: 
 def as_json(shape: ModelShape, setup: TrainingSetup, hardware: Hardware, estimates, choice) -> dict:
     trainable, frozen = parameter_split(shape, setup)
     shape_dict = {
-        k: v for k, v in asdict(shape).items() if k not in ("param_numels", "language_linear_widths")
+        k: v
+        for k, v in asdict(shape).items()
+        if k not in ("param_numels", "language_linear_widths", "language_linear_inputs")
     }
     return {
         "model": {**shape_dict, "total_params": shape.total_params},
