@@ -420,13 +420,12 @@ def run(args) -> None:
 def planner_estimate_gib(row: dict) -> tuple[float, float] | None:
     """The memory planner's (GPU allocated, host per process) estimate for a benchmark row, from the DeepSpeed
     config the run resolved; None where the planner does not model the run (Liger kernels)."""
-    from vlm_recipes.known_models import KNOWN_MODELS
     from vlm_recipes.memory import (
-        LIBRARIES,
         SPEED_ORDER,
         Hardware,
         TrainingSetup,
         estimate,
+        image_tokens_for,
         load_model_config,
         model_shape,
     )
@@ -434,18 +433,18 @@ def planner_estimate_gib(row: dict) -> tuple[float, float] | None:
     name = "zero3_offload" if row["config"] == "seed" else re.split(r"[+(]", row["config"], maxsplit=1)[0]
     if name not in SPEED_ORDER or "liger" in row.get("recipe_args", ""):
         return None
-    shape = model_shape(*load_model_config(row["model"]))
-    known = KNOWN_MODELS[row["model"]]
+    name_and_config = load_model_config(row["model"])
+    shape = model_shape(*name_and_config)
     setup = TrainingSetup.from_mode(
         row["mode"], train_vision_tower=row["mode"] == "full", micro_batch=row["micro_batch"],
         seq_len=row["seq_len"], gradient_checkpointing=row["gradient_checkpointing"],
-        image_tokens=known.image_tokens(row["image_size"]), dataloader_workers=0,
+        image_tokens=image_tokens_for(name_and_config[1].vision_config, row["image_size"]), dataloader_workers=0,
     )  # fmt: skip
     hardware = Hardware(gpus_per_node=row["num_processes"])
     planned = estimate(name, shape, setup, hardware, ds_config=row.get("resolved_ds_config"))
-    # Data-loader workers are processes of their own: the measured RSS is the training process's.
-    host = planned.host_bytes - planned.host[LIBRARIES] * (1 - 1 / row["num_processes"])
-    return planned.gpu_allocated_bytes / 2**30, host / row["num_processes"] / 2**30
+    # Data-loader workers (none counted above) are processes of their own: the measured RSS is one training
+    # process's, which holds its share of the node's host estimate.
+    return planned.gpu_allocated_bytes / 2**30, planned.host_bytes / row["num_processes"] / 2**30
 
 
 def versus(planned: float, measured: float) -> str:

@@ -162,6 +162,45 @@ def recommended(name, mode, **hardware):
     return recommend(estimate_all(shape, setup, machine), machine)
 
 
+def test_offload_terms_measured_on_the_gpu_are_counted():
+    """What the H100 runs showed DeepSpeed's estimators leave out (docs/benchmarks.md): the 16-bit gradients under
+    optimizer-only offload, the fp32 accumulation buffer, the share ZeRO-3's offload ratio keeps on the GPU; and
+    the activations LoRA adapters save."""
+    shape, machine = shape_of("qwen2.5-vl-3b"), Hardware(gpus_per_node=2)
+    setup = TrainingSetup.from_mode("full", micro_batch=2, seq_len=1024)
+    trainable, _ = parameter_split(shape, setup)
+    plain, accumulating = (
+        estimate(name, shape, setup, machine) for name in ("zero2_offload", "zero2_offload_gpu_accum")
+    )
+    assert plain.gpu["16-bit gradients"] == trainable * 2
+    assert accumulating.gpu["fp32 gradient accumulation (this GPU's partition)"] == trainable * 4 / 2
+    assert "fp32 gradient accumulation (this GPU's partition)" not in plain.gpu
+
+    partial = memory.read_ds_config("zero3_offload_optimizer")
+    partial["zero_optimization"]["offload_optimizer"]["ratio"] = 0.7
+    whole, split = (
+        estimate("zero3_offload_optimizer", shape, setup, machine, ds_config=config)
+        for config in (None, partial)
+    )
+    kept = split.gpu["optimizer states kept on the GPU (1 - offload ratio)"]
+    assert kept == pytest.approx(0.3 * trainable * 12 / 2)
+    states = "trainable states (DeepSpeed's estimate)"
+    assert split.host[states] == pytest.approx(0.7 * whole.host[states])
+    assert whole.gpu["16-bit gradients"] == trainable * 2 / 2  # ZeRO-3: this GPU's partition
+
+    def language(checkpointing: bool, lora_r: int) -> float:
+        mode_setup = TrainingSetup.from_mode(
+            "lora" if lora_r else "full", lora_r=lora_r or 64, micro_batch=2, seq_len=1024,
+            gradient_checkpointing=checkpointing,
+        )  # fmt: skip
+        return memory.activation_bytes(shape, mode_setup)["language model activations"]
+
+    adapted_inputs = sum(shape.language_linear_inputs[name] for name in memory.DEFAULT_LORA_TARGETS)
+    adapters = 2 * 1024 * adapted_inputs * memory.LORA_ACTIVATION_BYTES_PER_INPUT
+    assert language(False, 64) - language(False, 0) == pytest.approx(adapters)
+    assert language(True, 64) - language(True, 0) == pytest.approx(2 * adapters / shape.num_layers)
+
+
 def test_more_memory_gives_a_faster_config():
     by_gpu_memory = [
         recommended("qwen2.5-vl-7b", "full", gpu_memory_gib=gib, host_ram_gib=256).config

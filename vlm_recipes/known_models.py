@@ -29,12 +29,6 @@ class KnownModel:
     def config(self, **text_overrides) -> PretrainedConfig:
         return self.build_config(**text_overrides)
 
-    def image_tokens(self, image_size: int | None = None) -> int:
-        """Language-model tokens one square image of this side becomes (Qwen merges 2x2 patches into one)."""
-        vision = self.config().vision_config
-        side = (image_size or self.image_size) // vision.patch_size
-        return (side // (getattr(vision, "spatial_merge_size", None) or 1)) ** 2
-
 
 def llava_1_5_7b(**text_overrides) -> LlavaConfig:
     vision = CLIPVisionConfig(

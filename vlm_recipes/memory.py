@@ -37,7 +37,7 @@ DS_CONFIG_DIR = REPO / "ds_configs"
 # ---- constants: where each value comes from ----------------------------------------------------------------------
 
 # Fastest first: less communication and no PCIe traffic to the host first. Measured on one H100 for the offload
-# configs (docs/benchmarks.md, Qwen2.5-VL-3B, 8 x 512 tokens): zero2_offload_gpu_accum 4,669 tokens/s at 16
+# configs (docs/benchmarks.md, Qwen2.5-VL-3B, 8 x 512 tokens): zero2_offload_gpu_accum 6,025 tokens/s at 16
 # accumulation steps, zero2_offload 2,875 and zero3_offload_optimizer 1,837 at 4, the seed's zero3_offload 219.
 SPEED_ORDER = (
     "single_gpu",
@@ -244,7 +244,7 @@ def model_shape(name: str, config) -> ModelShape:
         vision_intermediate_size=getattr(vision, "intermediate_size", 0) if vision else 0,
         vision_layers=vision_depth(vision),
         patches_per_image_token=merge * merge,
-        default_image_tokens=default_image_tokens(vision, merge),
+        default_image_tokens=image_tokens_for(vision),
         language_linear_widths=language_linear_widths,
         language_linear_inputs=language_linear_inputs,
         param_numels=tuple(sorted(p.numel() for p in model.parameters())),
@@ -261,12 +261,15 @@ def vision_depth(vision_config) -> int:
 QWEN_DEFAULT_IMAGE_TOKENS = 1024
 
 
-def default_image_tokens(vision_config, merge: int) -> int:
+def image_tokens_for(vision_config, image_size: int | None = None) -> int:
+    """Language-model tokens one square image of side `image_size` becomes (the tower's own size by default; Qwen's
+    towers have none, so the recipes' pixel cap)."""
     if vision_config is None:
         return 0
-    image_size = getattr(vision_config, "image_size", None)
+    image_size = image_size or getattr(vision_config, "image_size", None)
     if not image_size:
         return QWEN_DEFAULT_IMAGE_TOKENS
+    merge = getattr(vision_config, "spatial_merge_size", None) or 1
     return (image_size // vision_config.patch_size) ** 2 // (merge * merge)
 
 
