@@ -199,8 +199,10 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
 def assemble_model(vision_path: str, text_path: str, processor, model_args, training_args):
     """A LLaVA-architecture model from a SigLIP encoder and a Phi LM, with a new projector."""
     dtype = training_dtype(training_args)
-    # LLaVA reads the encoder's hidden states, so SigLIP's pooling head is left out.
-    vision_config = SiglipVisionConfig.from_pretrained(vision_path, vision_use_head=False)
+    # LLaVA reads the encoder's hidden states, so SigLIP's pooling head is left out. Set on the config, not passed
+    # as a keyword: transformers 5.17's SiglipVisionConfig has no such field and hands the keyword to the model.
+    vision_config = SiglipVisionConfig.from_pretrained(vision_path)
+    vision_config.vision_use_head = False
     text_config = AutoConfig.from_pretrained(text_path, trust_remote_code=model_args.trust_remote_code)
     text_config.vocab_size = max(text_config.vocab_size, len(processor.tokenizer))  # room for the new tokens
     text_config.pad_token_id = processor.tokenizer.pad_token_id
@@ -217,7 +219,7 @@ def assemble_model(vision_path: str, text_path: str, processor, model_args, trai
         config, dtype=dtype, attn_implementation=model_args.attn_implementation
     )
     # The parts are loaded one at a time (partitioned too) and copied in, then dropped.
-    vision = SiglipVisionModel.from_pretrained(vision_path, vision_use_head=False, dtype=dtype)
+    vision = SiglipVisionModel.from_pretrained(vision_path, config=vision_config, dtype=dtype)
     copy_weights(vision, model.model.vision_tower)
     del vision
     language_model = AutoModelForCausalLM.from_pretrained(

@@ -276,6 +276,11 @@ def error_summary(log: str, returncode) -> str:
     return f"exit code {returncode}"
 
 
+# Environment variables that change speed or memory: each row records those that were set.
+RECORDED_ENVIRONMENT = ("PYTORCH_CUDA_ALLOC_CONF", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TORCH_CUDA_ARCH_LIST",
+                        "NCCL_NVLS_ENABLE", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION")  # fmt: skip
+
+
 def run_one(args, config_name: str, model_dir: Path, data_dir: Path, params: int, seq_len: int) -> dict:
     from vlm_recipes.known_models import KNOWN_MODELS
     from vlm_recipes.run_stats import read_run_stats
@@ -336,6 +341,7 @@ def run_one(args, config_name: str, model_dir: Path, data_dir: Path, params: int
         "grad_accum": grad_accum, "num_processes": args.num_processes, "seq_len": seq_len,
         "image_size": known.image_size, "gradient_checkpointing": not args.no_gradient_checkpointing,
         "attn_implementation": args.attn_implementation, "recipe_args": args.recipe_args,
+        "env": {name: os.environ[name] for name in RECORDED_ENVIRONMENT if name in os.environ},
         "parameters": params, "steps": args.steps,
         "wall_s": round(time.time() - start, 1), "command": shlex.join(command), "run_dir": str(run_dir),
     }  # fmt: skip
@@ -460,6 +466,8 @@ def report(args) -> None:
     print("|" + " --- |" * 12)
     for x in lines:
         other = x.get("recipe_args", "").replace("--", "").replace(" true", "")
+        if "expandable_segments:True" in x.get("env", {}).get("PYTORCH_CUDA_ALLOC_CONF", ""):
+            other = f"{other} expandable_segments".strip()
         setting = f"{x['attn_implementation']}, {'on' if x['gradient_checkpointing'] else 'off'}"
         setting += f", {other}" if other else ""
         batch = f"{x['micro_batch']} x {x['grad_accum']} x {x['num_processes']}"

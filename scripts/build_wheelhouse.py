@@ -55,6 +55,41 @@ def pip(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
+LEGACY_MANYLINUX = {"manylinux2014": 17, "manylinux2010": 12, "manylinux1": 5}
+
+
+def with_older_manylinux(target: list[str]) -> list[str]:
+    """pip's --platform matches a tag exactly, but a node with glibc 2.N installs every manylinux_2_M wheel for M <= N:
+    "--platform manylinux_2_28_x86_64" alone finds no nvidia-cublas (tagged manylinux_2_27), so torch does not
+    resolve. Each manylinux platform named is followed by every older one (and the legacy aliases) it implies."""
+    platforms, rest, i = [], [], 0
+    while i < len(target):
+        arg = target[i]
+        if arg == "--platform" and i + 1 < len(target):
+            platforms.append(target[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--platform="):
+            platforms.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    expanded = []
+    for platform in platforms:
+        implied = [platform]
+        match = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
+        legacy = re.fullmatch(r"(manylinux2014|manylinux2010|manylinux1)_(\w+)", platform)
+        if match or legacy:
+            glibc_minor = int(match[1]) if match else LEGACY_MANYLINUX[legacy[1]]
+            arch = match[2] if match else legacy[2]
+            implied += [f"manylinux_2_{m}_{arch}" for m in range(glibc_minor, 4, -1)]
+            implied += [f"{alias}_{arch}" for alias, m in LEGACY_MANYLINUX.items() if m <= glibc_minor]
+        for name in implied:
+            if name not in expanded:
+                expanded.append(name)
+    return rest + [arg for name in expanded for arg in ("--platform", name)]
+
+
 def installed_on_node(freeze_file: Path | None) -> dict[str, str]:
     """{name: version} from the node's `pip list --format=freeze` (or `pip freeze`)."""
     if freeze_file is None:
@@ -65,6 +100,41 @@ def installed_on_node(freeze_file: Path | None) -> dict[str, str]:
             name, version = line.split("==", 1)
             have[canonical(name)] = version.strip()
     return have
+
+
+EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
+
+
+def dependencies(metadata: dict, extras: set[str]) -> list[tuple[str, set[str]]]:
+    """(name, extras asked of it) for each requirement of a package, given the extras asked of that package:
+    torch needs cuda-toolkit[cudart,...], and cuda-toolkit needs nvidia-cuda-runtime only "extra == 'cudart'"."""
+    found = []
+    for line in metadata.get("requires_dist", []):
+        needs_extra = EXTRA_MARKER.search(line)
+        if needs_extra and canonical(needs_extra[1]) not in extras:
+            continue  # an optional feature nobody asked for
+        requirement = Requirement(line)
+        found.append((canonical(requirement.name), {canonical(extra) for extra in requirement.extras}))
+    return found
+
+
+def packages_to_fetch(by_name: dict, roots: list, have: dict[str, str], specifiers: dict) -> list[str]:
+    """name==version of every resolved package reachable from the roots, stopping at those the node has (at a
+    version the requirements accept). by_name: pip's --report items by canonical name; roots: (name, extras)."""
+    asked: dict[str, set[str]] = {}
+    pending, fetch = list(roots), {}
+    while pending:
+        name, extras = pending.pop()
+        if name not in by_name or (name in asked and extras <= asked[name]):
+            continue  # not for this platform, or already walked with these extras
+        asked[name] = asked.get(name, set()) | extras
+        if name in have and Version(have[name]) in specifiers.get(name, SpecifierSet()):
+            continue
+        metadata = by_name[name]["metadata"]
+        if name not in SOURCE_ONLY:
+            fetch[name] = f"{name}=={metadata['version']}"
+        pending += dependencies(metadata, asked[name])
+    return list(fetch.values())
 
 
 def main() -> None:
@@ -86,7 +156,7 @@ def main() -> None:
     if args.only:
         wanted = {canonical(name) for name in args.only}
         requirements = [line for line in requirements if requirement_name(line) in wanted]
-    target = shlex.split(args.target)
+    target = with_older_manylinux(shlex.split(args.target))
 
     # 1. The source-only requirements, as wheels built here; and this repository's package.
     for line in requirements:
@@ -107,25 +177,13 @@ def main() -> None:
 
     # 3. Download what the node lacks: walk the dependency tree from the requirements, and stop at every package
     # the node has (its own build, e.g. torch for its CUDA, brings its own dependencies).
-    have = installed_on_node(args.have)
+    by_name = {canonical(item["metadata"]["name"]): item for item in resolved}
+    roots = [
+        (requirement_name(line), {canonical(e) for e in Requirement(line).extras}) for line in requirements
+    ]
     # A package the node has at a version the requirements refuse (pillow 12 for pillow>=13, say) is fetched too.
     specifiers = {requirement_name(line): Requirement(line).specifier for line in requirements}
-    by_name = {canonical(item["metadata"]["name"]): item for item in resolved}
-    wanted, missing, seen = [requirement_name(line) for line in requirements], [], set()
-    while wanted:
-        name = wanted.pop()
-        if name in seen or name not in by_name:
-            continue
-        seen.add(name)
-        if name in have and Version(have[name]) in specifiers.get(name, SpecifierSet()):
-            continue
-        metadata = by_name[name]["metadata"]
-        if name not in SOURCE_ONLY:
-            missing.append(f"{name}=={metadata['version']}")
-        # "extra ==" requirements belong to optional features nobody asked for.
-        wanted += [
-            requirement_name(dep) for dep in metadata.get("requires_dist", []) if "extra ==" not in dep
-        ]
+    missing = packages_to_fetch(by_name, roots, installed_on_node(args.have), specifiers)
     if missing:
         pip("download", "--no-deps", "--quiet", "--only-binary=:all:", "-d", str(out), *target, *missing)
     wheels = sorted(p.name for p in out.glob("*.whl"))

@@ -38,6 +38,7 @@ from transformers import (
     SiglipConfig,
     SiglipImageProcessor,
     SiglipModel,
+    SiglipVisionConfig,
     SiglipVisionModel,
 )
 
@@ -365,7 +366,11 @@ def build_chexagent(output_dir: Path, seed: int) -> None:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(text_dir)
     tokenizer.add_special_tokens({"extra_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    vision = SiglipVisionModel.from_pretrained(vision_dir, vision_use_head=False)  # LLaVA reads hidden states
+    vision_config = SiglipVisionConfig.from_pretrained(vision_dir)
+    vision_config.vision_use_head = (
+        False  # LLaVA reads hidden states (a keyword would reach 5.17's model, not config)
+    )
+    vision = SiglipVisionModel.from_pretrained(vision_dir, config=vision_config)
     language_model = PhiForCausalLM.from_pretrained(text_dir)
     config = LlavaConfig(
         vision_config=vision.config,

@@ -6,11 +6,14 @@ Where the end-to-end tests run is set by two environment variables; unset, they 
     VLM_TEST_PRECISION       bf16 or fp16: every launched recipe gets --bf16 true / --fp16 true, the real CUDA
                              path on a GPU (without one, bf16 runs on the CPU; DeepSpeed refuses fp16 there);
                              unset: the recipes' own choice, fp32 on a CPU
-`make test-gpu` (scripts/test_gpu.sh) sets both and runs the tests marked gpu_e2e.
+    VLM_TEST_LAUNCH_TIMEOUT  seconds before a launched command is killed and its test fails with its output so
+                             far (default 600)
+`make test-gpu` (scripts/test_gpu.sh) sets the first two and runs the tests marked gpu_e2e.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +33,8 @@ if PRECISION not in (None, "bf16", "fp16") or NUM_PROCESSES < 1:
         f"VLM_TEST_PRECISION={PRECISION!r}, VLM_TEST_NUM_PROCESSES={NUM_PROCESSES}: the precision is bf16, fp16 "
         "or unset (the recipes' choice: fp32 on a CPU), the number of processes at least 1"
     )
+# A launch still running after this many seconds is killed and fails with its output so far (a hang on a GPU).
+LAUNCH_TIMEOUT = int(os.environ.get("VLM_TEST_LAUNCH_TIMEOUT") or 600)
 TRAINING_DTYPE = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[PRECISION]
 
 
@@ -49,17 +54,39 @@ def with_precision(args: list) -> list:
     return [*args, f"--{PRECISION}", "true", *([] if torch.cuda.is_available() else ["--use_cpu", "true"])]
 
 
-def run_command(command: list, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, **QUIET_ENV}
-    result = subprocess.run(
-        [str(part) for part in command], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+def run_command(command: list, timeout: int | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    command = [str(part) for part in command]
+    timeout = timeout or LAUNCH_TIMEOUT
+    # Its own process group, so that a launch past its time is killed with the workers accelerate started.
+    process = subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, **QUIET_ENV}, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # killed: say what it was doing, not only that it took too long
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(
+            f"command still running after {timeout} s (VLM_TEST_LAUNCH_TIMEOUT), killed: {' '.join(command)}\n"
+            f"{output_tail(stdout, stderr)}"
+        ) from None
+    except BaseException:  # pytest-timeout, Ctrl-C: no workers left behind on the GPU
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(
-            f"command failed ({result.returncode}): {' '.join(map(str, command))}\n"
-            f"--- stdout (end) ---\n{result.stdout[-6000:]}\n--- stderr (end) ---\n{result.stderr[-10000:]}"
+            f"command failed ({result.returncode}): {' '.join(command)}\n{output_tail(stdout, stderr)}"
         )
     return result
+
+
+def output_tail(stdout, stderr) -> str:
+    as_text = [
+        part.decode(errors="replace") if isinstance(part, bytes) else part or "" for part in (stdout, stderr)
+    ]
+    return f"--- stdout (end) ---\n{as_text[0][-6000:]}\n--- stderr (end) ---\n{as_text[1][-10000:]}"
 
 
 def free_port() -> int:
@@ -82,7 +109,7 @@ def recipe_command(
 
 
 def launch_recipe(recipe: str, args: list, num_processes: int | None = None, check: bool = True,
-                  timeout: int = 600, accelerate_config=ACCELERATE_CONFIG):  # fmt: skip
+                  timeout: int | None = None, accelerate_config=ACCELERATE_CONFIG):  # fmt: skip
     command = recipe_command(recipe, args, num_processes, accelerate_config)
     return run_command(command, timeout=timeout, check=check)
 

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import REPO
 from vlm_recipes.config import ConfigError, parse_recipe_args
-from vlm_recipes.ds_config import check_deepspeed_config, secret_keys
+from vlm_recipes.ds_config import arch_list_deepspeed_can_parse, check_deepspeed_config, secret_keys
 from vlm_recipes.training import training_dtype
 
 
@@ -84,3 +84,19 @@ def test_deepspeed_config_holding_credentials_is_refused(tmp_path):
     training_args = SimpleNamespace(deepspeed=str(tmp_path / "ds.json"), allow_deepspeed_scheduler=False)
     with pytest.raises(ConfigError, match=r"holds credentials \(comet.api_key\).*COMET_API_KEY"):
         check_deepspeed_config(training_args, "never/loaded")
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("9.0a", "9.0"),  # the H100 image's value: DeepSpeed 0.19.8 fails on it when it builds FusedAdam
+        ("8.0;9.0a 10.0f+PTX", "8.0;9.0;10.0+PTX"),
+        ("9.0 9.0a", "9.0"),
+        ("8.0;9.0+PTX", None),  # nothing to change: left as the user wrote it
+        ("", None),
+    ],
+)
+def test_cuda_arch_variants_are_dropped_for_deepspeed(given, expected):
+    environ = {"TORCH_CUDA_ARCH_LIST": given}
+    assert arch_list_deepspeed_can_parse(environ) == expected
+    assert environ["TORCH_CUDA_ARCH_LIST"] == (expected if expected is not None else given)

@@ -139,6 +139,30 @@ def ds_config_in_use(training_args) -> Path | None:
     return Path(path) if isinstance(path, str | Path) and Path(path).is_file() else None
 
 
+def arch_list_deepspeed_can_parse(environ=os.environ) -> str | None:
+    """Drop the architecture-variant letters from TORCH_CUDA_ARCH_LIST ("9.0a" -> "9.0", "10.0f+PTX" -> "10.0+PTX")
+    and return the new value, or None when there were none.
+
+    DeepSpeed 0.19.8 compiles its CUDA ops on first use (FusedAdam, for every config that does not offload the
+    optimizer) for TORCH_CUDA_ARCH_LIST, and reads each entry as numbers: "9.0a", which PyTorch 2.11 accepts and
+    CUDA images for Hopper set, fails with "ValueError: invalid literal for int() with base 10: '0a'" after the
+    model has loaded (deepspeedai/DeepSpeed#7589, fix pending in #8619). Measured on the H100 node: the zero2 and
+    zero3 runs of `make test-gpu` failed so. The plain architecture builds the same optimizer kernels."""
+    value = environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return None
+    entries = [entry for entry in re.split(r"[;\s]+", value.strip()) if entry]
+    plain = []
+    for entry in entries:
+        entry = re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", entry)
+        if entry not in plain:
+            plain.append(entry)
+    if plain == entries:
+        return None
+    environ["TORCH_CUDA_ARCH_LIST"] = ";".join(plain)
+    return environ["TORCH_CUDA_ARCH_LIST"]
+
+
 def check_deepspeed_config(training_args, model_name_or_path: str) -> None:
     """Refuse, before any weights load, a DeepSpeed config that would silently override or contradict the
     arguments: a scheduler block, or hard-coded values that differ from what the arguments imply."""
@@ -149,6 +173,12 @@ def check_deepspeed_config(training_args, model_name_or_path: str) -> None:
     path = ds_config_in_use(training_args)
     if path is None:
         return
+    original_arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if plain := arch_list_deepspeed_can_parse():
+        logger.warning(
+            f"TORCH_CUDA_ARCH_LIST={original_arch_list!r} -> {plain!r} for this run: DeepSpeed 0.19.8 cannot parse "
+            "architecture variants when it compiles its CUDA ops (deepspeedai/DeepSpeed#7589)"
+        )
     config = json.loads(path.read_text())
     if secrets := secret_keys(config):
         raise ConfigError(
