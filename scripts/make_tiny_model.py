@@ -367,9 +367,8 @@ def build_chexagent(output_dir: Path, seed: int) -> None:
     tokenizer.add_special_tokens({"extra_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     vision_config = SiglipVisionConfig.from_pretrained(vision_dir)
-    vision_config.vision_use_head = (
-        False  # LLaVA reads hidden states (a keyword would reach 5.17's model, not config)
-    )
+    # LLaVA reads hidden states: no pooling head. Set on the config (a keyword would reach 5.17's model instead).
+    vision_config.vision_use_head = False
     vision = SiglipVisionModel.from_pretrained(vision_dir, config=vision_config)
     language_model = PhiForCausalLM.from_pretrained(text_dir)
     config = LlavaConfig(

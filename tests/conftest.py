@@ -82,11 +82,8 @@ def run_command(command: list, timeout: int | None = None, check: bool = True) -
     return result
 
 
-def output_tail(stdout, stderr) -> str:
-    as_text = [
-        part.decode(errors="replace") if isinstance(part, bytes) else part or "" for part in (stdout, stderr)
-    ]
-    return f"--- stdout (end) ---\n{as_text[0][-6000:]}\n--- stderr (end) ---\n{as_text[1][-10000:]}"
+def output_tail(stdout: str, stderr: str) -> str:
+    return f"--- stdout (end) ---\n{stdout[-6000:]}\n--- stderr (end) ---\n{stderr[-10000:]}"
 
 
 def free_port() -> int:

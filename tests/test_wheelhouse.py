@@ -1,5 +1,6 @@
-"""scripts/build_wheelhouse.py's target platforms: pip matches --platform exactly, so a manylinux target must name
-every older tag the node accepts, or torch's CUDA wheels (manylinux_2_27) are not found for a 2_28 node."""
+"""scripts/build_wheelhouse.py: the target platforms (pip matches --platform exactly, so a manylinux target must
+name every older tag the node accepts, or torch's CUDA wheels, manylinux_2_27, are not found for a 2_28 node) and
+the walk that decides which resolved packages to download (the extras a parent asks for, what the node has)."""
 
 import importlib.util
 
@@ -71,7 +72,7 @@ def test_extras_a_parent_asks_for_are_fetched_and_no_others():
         "pyyaml==6.0.3",
         "sympy==1.14.0",
         "torch==2.12.0",
-    ]  # fmt: skip  (no nvidia-cufft, no pytest: extras nobody asked for)
+    ]  # no nvidia-cufft, no pytest: extras nobody asked for
 
 
 def test_the_walk_stops_at_what_the_node_has_unless_the_requirements_refuse_its_version():

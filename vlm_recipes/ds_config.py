@@ -165,7 +165,8 @@ def arch_list_deepspeed_can_parse(environ=os.environ) -> str | None:
 
 def check_deepspeed_config(training_args, model_name_or_path: str) -> None:
     """Refuse, before any weights load, a DeepSpeed config that would silently override or contradict the
-    arguments: a scheduler block, or hard-coded values that differ from what the arguments imply."""
+    arguments: a scheduler block, or hard-coded values that differ from what the arguments imply. Also makes
+    TORCH_CUDA_ARCH_LIST one DeepSpeed can compile its ops for (arch_list_deepspeed_can_parse)."""
     from transformers import AutoConfig
 
     from vlm_recipes.config import ConfigError
