@@ -271,8 +271,9 @@ def error_summary(log: str, returncode) -> str:
         lines = [line for line in log.splitlines() if needle in line and "ChildFailedError" not in line]
         if lines:
             return lines[-1].strip()[:500]
-    if returncode in (-9, 137):
-        return "killed by SIGKILL (host out of memory?)"
+    # A worker killed by SIGKILL leaves no traceback; the launcher itself exits 1 and names the signal.
+    if returncode in (-9, 137) or "Signal 9 (SIGKILL)" in log or "exitcode: -9" in log:
+        return "a process was killed by SIGKILL, no traceback (the kernel's OOM killer: host RAM exhausted?)"
     return f"exit code {returncode}"
 
 

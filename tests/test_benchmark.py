@@ -13,7 +13,7 @@ from vlm_recipes.attention import VARLEN_ATTENTION, use_packed_vision_attention
 from vlm_recipes.known_models import KNOWN_MODELS
 
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmark import tiny_config  # noqa: E402
+from benchmark import error_summary, tiny_config  # noqa: E402
 
 
 def test_packed_vision_attention_matches_sdpa_window_by_window():
@@ -35,6 +35,16 @@ def test_packed_vision_attention_matches_sdpa_window_by_window():
         results.append((out.detach(), x.grad))
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_failed_run_is_summarised_by_its_cause():
+    oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 3.48 GiB.\nChildFailedError: ..."
+    assert error_summary(oom, 1).startswith("torch.OutOfMemoryError: CUDA out of memory")
+    # accelerate exits 1 when its worker was SIGKILLed (the OOM killer): the log, not the exit code, says so
+    killed = "failed (exitcode: -9) local_rank: 0 (pid: 1992)\n  traceback : Signal 9 (SIGKILL) received by PID 1992"
+    assert "killed by SIGKILL" in error_summary(killed, 1)
+    assert error_summary("nothing useful", 3) == "exit code 3"
+    assert error_summary("", "timeout after 240 s") == "timeout after 240 s"
 
 
 def test_benchmark_runs_the_recipe_and_writes_a_result_line(tmp_path):
