@@ -9,6 +9,7 @@ MODEL ?= llava
 CONFIG ?=
 ACCELERATE_CONFIG ?= accelerate_configs/zero3_offload.yaml
 ARGS ?=
+PART ?=
 WHEELHOUSE ?= wheelhouse
 WHEEL_TARGET ?=
 WHEEL_ARGS ?=
@@ -25,7 +26,7 @@ else
 INSTALLED :=
 endif
 
-.PHONY: help install demo train test test-gpu lint format clean wheelhouse benchmark
+.PHONY: help install demo train test test-gpu multi-gpu lint format clean wheelhouse benchmark
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +51,9 @@ test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (abou
 
 test-gpu: $(INSTALLED)  ## on CUDA: the tiny end-to-end tests in bf16 then fp16, one process per GPU; results in runs/test-gpu/ [ARGS="-k llava"]
 	PYTHON=$(PYTHON) NUM_PROCESSES=$(NUM_PROCESSES) bash scripts/test_gpu.sh $(ARGS)
+
+multi-gpu: $(INSTALLED)  ## on 2+ GPUs: PART=tests (multi-process tests over NCCL) or PART=benchmark (zero3_offload on 1 vs N GPUs) [ARGS=...]
+	PYTHON=$(PYTHON) bash scripts/validate_multi_gpu.sh $(PART) $(ARGS)
 
 wheelhouse: $(INSTALLED)  ## wheels for an air-gapped node: [WHEELHOUSE=dir] [WHEEL_TARGET="--python-version 3.12 --platform ..."] [WHEEL_ARGS="--have node_freeze.txt --only deepspeed"]
 	$(PYTHON) scripts/build_wheelhouse.py --out $(WHEELHOUSE) --target "$(WHEEL_TARGET)" $(WHEEL_ARGS)

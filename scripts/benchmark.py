@@ -372,6 +372,15 @@ def run_one(args, config_name: str, model_dir: Path, data_dir: Path, params: int
         "host_peak_rss_gib_all_processes": sum(s["process_peak_rss_gib"] for s in stats),
         "machine_peak_used_gib": rank0["machine_peak_used_gib"],
         "machine_used_before_training_gib": rank0["machine_used_before_training_gib"],
+        "per_process": [
+            {
+                "rank": s["rank"],
+                "gpu_peak_allocated_gib": s["gpu_peak_allocated_gib"],
+                "gpu_peak_reserved_gib": s["gpu_peak_reserved_gib"],
+                "host_peak_rss_gib": s["process_peak_rss_gib"],
+            }
+            for s in stats
+        ],  # fmt: skip
         "step_times_s": rank0["step_times_s"],
         "resolved_ds_config": json.loads(resolved.read_text()) if resolved.is_file() else None,
         "gpu": gpu,
@@ -458,6 +467,48 @@ def versus(planned: float, measured: float) -> str:
     return f"{planned:.1f} ({100 * (planned - measured) / measured:+.0f}%)"
 
 
+# What must match for two runs to differ only in their number of GPUs (the per-GPU micro-batch stays).
+SAME_SETTING = ("model", "mode", "config", "micro_batch", "grad_accum", "seq_len", "image_size",
+                "gradient_checkpointing", "attn_implementation", "recipe_args")  # fmt: skip
+
+
+def gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"  # None: no GPU (a CPU run)
+
+
+def scaling_table(lines: list[dict]) -> None:
+    """Each run on N > 1 GPUs against the latest 1-GPU run of the same setting before it: tokens/s per GPU and
+    the scaling efficiency (per-GPU tokens/s over the 1-GPU run's), with each process's GPU and host peaks."""
+    rows = []
+    for k, x in enumerate(lines):
+        if x["status"] != "ok" or x["num_processes"] < 2:
+            continue
+        singles = [
+            y for y in lines[:k]
+            if y["status"] == "ok" and y["num_processes"] == 1 and all(y.get(f) == x.get(f) for f in SAME_SETTING)
+        ]  # fmt: skip
+        base = singles[-1]["tokens_per_s"] if singles else None
+        per_gpu = x["tokens_per_s"] / x["num_processes"]
+        processes = x.get("per_process") or []
+        gpu = " / ".join(gib(p["gpu_peak_allocated_gib"]) for p in processes) or "-"
+        host = " / ".join(gib(p["host_peak_rss_gib"]) for p in processes) or "-"
+        rows.append(
+            f"| {x['model']} | {x['mode']} | {x['config']} | {x['micro_batch']} x {x['grad_accum']} | "
+            f"{x['num_processes']} | {x['median_step_time_s']:.2f} | {x['tokens_per_s']:,.0f} | {per_gpu:,.0f} | "
+            f"{f'{base:,.0f}' if base else '-'} | {f'{100 * per_gpu / base:.0f}%' if base else '- (no 1-GPU run)'} "
+            f"| {gpu} | {host} |"
+        )
+    if rows:
+        print(
+            "\nScaling: each multi-GPU run against the last 1-GPU run of the same setting (same per-GPU batch)\n"
+        )
+        print("| model | mode | config | micro-batch x accum (per GPU) | GPUs | step (s) | tokens/s | tokens/s per GPU "
+              "| 1-GPU tokens/s | scaling efficiency | GPU peak alloc per process (GiB) | host RSS per process "
+              "(GiB) |")  # fmt: skip
+        print("|" + " --- |" * 12)
+        print("\n".join(rows))
+
+
 def report(args) -> None:
     lines = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
     header = ("| model | mode | config | attention, checkpointing, other | micro-batch x accum x GPUs | step (s) | "
@@ -487,6 +538,7 @@ def report(args) -> None:
             f"{x['tokens_per_s']:,.0f} | {mfu} | {measured_gpu:.1f} / {x['gpu_peak_reserved_gib']:.1f} | "
             f"{gpu_text} | {measured_host:.1f} | {host_text} |"
         )
+    scaling_table(lines)
     if args.plot:
         import matplotlib
 

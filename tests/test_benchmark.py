@@ -5,6 +5,7 @@ import copy
 import json
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
@@ -13,7 +14,7 @@ from vlm_recipes.attention import VARLEN_ATTENTION, use_packed_vision_attention
 from vlm_recipes.known_models import KNOWN_MODELS
 
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmark import error_summary, tiny_config  # noqa: E402
+from benchmark import error_summary, scaling_table, tiny_config  # noqa: E402
 
 
 def test_packed_vision_attention_matches_sdpa_window_by_window():
@@ -47,20 +48,45 @@ def test_failed_run_is_summarised_by_its_cause():
     assert error_summary("", "timeout after 240 s") == "timeout after 240 s"
 
 
-def test_benchmark_runs_the_recipe_and_writes_a_result_line(tmp_path):
+def test_benchmark_runs_the_recipe_on_two_processes_and_writes_a_result_line(tmp_path):
     results = tmp_path / "results.jsonl"
     run_command(
         [sys.executable, "scripts/benchmark.py", "run", "--model", "qwen2.5-vl-3b", "--tiny",
          "--configs", "zero3_offload", "--steps", "4", "--micro_batch", "2", "--seq_len", "320",
-         "--dataloader_workers", "0", "--attn_implementation", "sdpa_varlen", "--work_dir", tmp_path,
-         "--results", results],
+         "--num_processes", "2", "--dataloader_workers", "0", "--attn_implementation", "sdpa_varlen",
+         "--work_dir", tmp_path, "--results", results],
         timeout=600,
     )  # fmt: skip
     (line,) = [json.loads(text) for text in results.read_text().splitlines()]
     assert line["status"] == "ok", line
     assert line["seq_len"] == 320 and line["tokens_per_s"] > 0 and line["median_step_time_s"] > 0
+    assert line["tokens_per_s_per_gpu"] == pytest.approx(line["tokens_per_s"] / 2, abs=0.1)
     assert len(line["step_times_s"]) == 4
     assert line["resolved_ds_config"]["zero_optimization"]["stage"] == 3
-    assert line["host_peak_rss_gib_per_process"] > 0.1
+    assert line["resolved_ds_config"]["train_batch_size"] == 2 * 2  # micro-batch x processes
+    assert [p["rank"] for p in line["per_process"]] == [0, 1]
+    assert all(p["host_peak_rss_gib"] > 0.1 for p in line["per_process"])
     report = run_command([sys.executable, "scripts/benchmark.py", "report", results]).stdout
-    assert "| qwen2.5-vl-3b | full | zero3_offload | sdpa_varlen, on | 2 x 1 x 1 |" in report
+    assert "| qwen2.5-vl-3b | full | zero3_offload | sdpa_varlen, on | 2 x 1 x 2 |" in report
+    assert "- (no 1-GPU run)" in report  # the scaling table names the missing 1-process run
+
+
+def test_scaling_table_compares_with_the_last_one_gpu_run_of_the_same_setting(capsys):
+    def row(processes, tokens_per_s, micro_batch=4):
+        return {
+            "status": "ok", "model": "m", "mode": "full", "config": "zero3_offload", "micro_batch": micro_batch,
+            "grad_accum": 1, "seq_len": 512, "image_size": 448, "gradient_checkpointing": True,
+            "attn_implementation": "sdpa", "recipe_args": "", "num_processes": processes,
+            "median_step_time_s": 1.0, "tokens_per_s": tokens_per_s,
+            "per_process": [
+                {"rank": r, "gpu_peak_allocated_gib": 10.0 + r, "host_peak_rss_gib": 50.0} for r in range(processes)
+            ],
+        }  # fmt: skip
+
+    # the second 1-GPU run is the baseline; the micro-batch-8 one is another setting
+    scaling_table([row(1, 900.0), row(1, 1000.0), row(1, 3000.0, micro_batch=8), row(2, 1800.0)])
+    out = capsys.readouterr().out
+    assert (
+        "| m | full | zero3_offload | 4 x 1 | 2 | 1.00 | 1,800 | 900 | 1,000 | 90% | 10.0 / 11.0 | 50.0 / 50.0 |"
+        in out
+    )

@@ -29,8 +29,10 @@ from vlm_recipes.memory import DEEPSPEED_CONFIGS  # every shipped DeepSpeed JSON
 pytestmark = pytest.mark.distributed
 
 OTHER_CONFIGS = [
-    pytest.param("multi_gpu", marks=requires_processes(2, "data parallel across processes")),
-    pytest.param("fsdp2", marks=requires_processes(2, "sharded across processes")),
+    pytest.param(
+        "multi_gpu", marks=[requires_processes(2, "data parallel across processes"), pytest.mark.gpu_e2e]
+    ),
+    pytest.param("fsdp2", marks=[requires_processes(2, "sharded across processes"), pytest.mark.gpu_e2e]),
     pytest.param("single_gpu", marks=pytest.mark.gpu_e2e),
 ]
 
@@ -90,11 +92,14 @@ def test_show_ds_config_explains_each_auto_offline():
     assert "bf16.enabled = true" in out
 
 
-def fake_slurm_tools(bin_dir):
-    """srun that starts its command once per node, in parallel, as Slurm would; scontrol that names the nodes."""
+def fake_slurm_tools(bin_dir, gpus_per_node: int):
+    """srun that starts its command once per node, in parallel, as Slurm would, each "node" with GPUs of its own
+    where there are GPUs; scontrol that names the nodes."""
+    first, last = f"$((node * {gpus_per_node}))", f"$((node * {gpus_per_node} + {gpus_per_node - 1}))"
+    visible = f"CUDA_VISIBLE_DEVICES=$(seq -s, {first} {last}) " if torch.cuda.is_available() else ""
     scripts = {
         "srun": "#!/usr/bin/env bash\nshift  # --kill-on-bad-exit=1\npids=()\n"
-        'for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node "$@" & pids+=($!); done\n'
+        f'for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node {visible}"$@" & pids+=($!); done\n'
         'status=0; for pid in "${pids[@]}"; do wait $pid || status=1; done; exit $status\n',
         "scontrol": "#!/usr/bin/env bash\necho 127.0.0.1\necho 127.0.0.1\n",
     }
@@ -104,28 +109,35 @@ def fake_slurm_tools(bin_dir):
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
+# Two "nodes" on this one machine: on a CPU one process each; on GPUs, half the processes each, every node with
+# its own GPUs (CUDA_VISIBLE_DEVICES), as on two real nodes.
+GPUS_PER_NODE = max(NUM_PROCESSES // 2, 1) if torch.cuda.is_available() else 1
+
+
+@pytest.mark.gpu_e2e
 @pytest.mark.skipif(
-    torch.cuda.is_available(), reason="CPU only: on one machine both 1-process 'nodes' would take GPU 0"
+    torch.cuda.is_available() and torch.cuda.device_count() < 2,
+    reason="two 'nodes' on one machine need a GPU each",
 )
 def test_multi_node_config_on_loopback_through_launch_slurm(tiny_llava, demo_data, tmp_path):
-    fake_slurm_tools(tmp_path)
+    fake_slurm_tools(tmp_path, GPUS_PER_NODE)
     output_dir = tmp_path / "multi-node"
     env = {
         **os.environ, **QUIET_ENV, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_NNODES": "2",
-        "SLURM_JOB_NODELIST": "node[0-1]", "GPUS_PER_NODE": "1", "MAIN_PORT": str(free_port()),
+        "SLURM_JOB_NODELIST": "node[0-1]", "GPUS_PER_NODE": str(GPUS_PER_NODE), "MAIN_PORT": str(free_port()),
         "PYTHON": sys.executable, "SLURM_SUBMIT_DIR": str(REPO),
     }  # fmt: skip
     command = [
         "bash",
         "scripts/launch_slurm.sh",
         "recipes/llava.py",
-        *demo_args(tiny_llava, demo_data, output_dir),
+        *with_precision(demo_args(tiny_llava, demo_data, output_dir)),
     ]
     result = subprocess.run(
         [str(c) for c in command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-5000:]
-    assert "DeepSpeed config as resolved for this run (world size 2)" in result.stdout
+    assert f"DeepSpeed config as resolved for this run (world size {2 * GPUS_PER_NODE})" in result.stdout
     assert sorted(logged_losses(output_dir)) == [1, 2, 3]
     LlavaForConditionalGeneration.from_pretrained(output_dir)
 

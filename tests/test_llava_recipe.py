@@ -67,6 +67,7 @@ def test_full_finetune_loss_falls(full_run):
     assert losses[30] < 0.5 * losses[5], losses
 
 
+@pytest.mark.gpu_e2e
 @requires_processes(2, "the records are shared out among the processes")
 def test_preflight_checks_each_record_once_across_the_processes(full_run, demo_data):
     _, _, result = full_run
@@ -91,6 +92,7 @@ def test_no_file_the_run_writes_holds_the_hub_token(full_run):
     assert HUB_TOKEN not in result.stdout + result.stderr
 
 
+@pytest.mark.gpu_e2e
 @requires_processes(2, "test_resolved_deepspeed_config_one_process checks a one-process run")
 def test_resolved_deepspeed_config_two_processes(full_run):
     output_dir, _, result = full_run
@@ -136,6 +138,7 @@ def test_rerun_resumes_from_last_complete_checkpoint(full_run, tmp_path):
     assert (interrupted / "model.safetensors").is_file()
 
 
+@pytest.mark.gpu_e2e
 @requires_processes(2, "kills the launcher and both ranks mid-run")
 def test_sigkill_mid_training_then_rerun_resumes_and_ends_at_the_same_loss(full_run, tmp_path):
     output_dir, args, _ = full_run

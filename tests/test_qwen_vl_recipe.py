@@ -212,6 +212,7 @@ def mixed_dataset(demo_data, path):
 
 
 @pytest.mark.distributed
+@pytest.mark.gpu_e2e  # and on GPUs over NCCL (make test-gpu with 2+ GPUs)
 @requires_processes(2, "rank 0 gets only text-only batches while rank 1 gets images")
 def test_rank_with_only_text_batches_does_not_hang(tiny_model, demo_data, tmp_path):
     dataset = mixed_dataset(demo_data, tmp_path / "mixed.json")
