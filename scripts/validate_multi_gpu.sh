@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What `make multi-gpu` runs on a node with 2 or more GPUs: the checks that only mean something on several GPUs
-# over NCCL, then the real-size scaling benchmark. Each part fits one sitting of about 10 minutes on 2 GPUs.
+# over NCCL, then the real-size scaling benchmark. Neither has run on GPUs yet, so their durations are unknown;
+# the tests part is about 11 recipe launches (split it with -k where a sitting is short).
 #
 #   bash scripts/validate_multi_gpu.sh tests [pytest arguments]
 #                                                  # the multi-process end-to-end tests, N processes over NCCL:
@@ -58,7 +59,7 @@ for model in "${models[@]}"; do
     seq_len=512
     [ "$model" = llava-1.5-7b ] && seq_len=1024  # its 576 image tokens leave room for text
     for processes in 1 "$NUM_GPUS"; do
-        # shellcheck disable=SC2086  # BENCHMARK_ARGS is a list of arguments
+        # eval, so that BENCHMARK_ARGS may hold quoted arguments (--recipe_args '--skip_memory_check true')
         eval "\"$PYTHON\" scripts/benchmark.py run --model $model --configs zero3_offload --seq_len $seq_len \
             --steps ${STEPS:-6} --num_processes $processes --results \"$OUT_DIR/results.jsonl\" \
             --work_dir \"$OUT_DIR/work\" ${BENCHMARK_ARGS:-}" || status=1
