@@ -17,6 +17,9 @@ WHEEL_ARGS ?=
 NUM_PROCESSES ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" -gt 0 ] && echo $$n || echo 2)
 
 RECIPE = recipes/$(subst -,_,$(MODEL)).py
+# The recipe YAMLs name ds_configs/zero3_offload.json; an accelerate config that runs neither DeepSpeed nor FSDP
+# (single_gpu.yaml, multi_gpu.yaml) cannot say so to the recipe, so it gets --deepspeed none.
+NO_DEEPSPEED = $(if $(shell grep -E '^distributed_type: *"?(DEEPSPEED|FSDP)' $(ACCELERATE_CONFIG)),,--deepspeed none)
 LAUNCH = $(PYTHON) -m accelerate.commands.accelerate_cli launch --config_file $(ACCELERATE_CONFIG) \
 	--num_processes $(NUM_PROCESSES)
 
@@ -44,7 +47,7 @@ demo: $(INSTALLED)  ## tiny model + demo data, trained with the real launcher an
 		bash scripts/demo.sh $(MODEL)
 
 train: $(INSTALLED)  ## fine-tune: make train MODEL=llava|qwen-vl|chexagent [CONFIG=...] [ARGS="..."]
-	$(LAUNCH) $(RECIPE) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+	$(LAUNCH) $(RECIPE) $(if $(CONFIG),--config $(CONFIG)) $(NO_DEEPSPEED) $(ARGS)
 
 test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 10 minutes on 2 cores)
 	$(PYTHON) -m pytest

@@ -1,7 +1,8 @@
 r"""Fine-tune a CheXagent-2-shaped chest X-ray model (SigLIP vision encoder, MLP projector, Phi language model, as a
 transformers-native LLaVA-architecture model) with the HF Trainer under DeepSpeed ZeRO-3 with CPU offload.
 
-CheXagent's two training stages are two configs of this recipe; stage 2 starts from stage 1's output_dir:
+CheXagent's two training stages are two configs of this recipe; stage 2 starts from stage 1's output_dir. Each YAML
+names ds_configs/zero3_offload.json, so `accelerate launch recipes/chexagent.py --config ...` uses it too:
 
     accelerate launch --config_file accelerate_configs/zero3_offload.yaml recipes/chexagent.py \
         --config recipes/configs/chexagent_stage1.yaml --dataset_path data/cxr_reports.jsonl --image_root data
@@ -48,14 +49,16 @@ from transformers.utils import logging
 
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
-from vlm_recipes.data import ConversationDataset, load_records
+from vlm_recipes.data import ConversationDataset, load_records, media_kinds
 from vlm_recipes.ds_config import check_deepspeed_config
+from vlm_recipes.masking import image_tokens_at_cap
 from vlm_recipes.memory import check_host_memory
 from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
     ResolvedDeepSpeedConfigCallback,
     finish_run,
+    input_grads_only_where_trained,
     log_trainable_parameters,
     lora_target_pattern,
     prepare_output_dir,
@@ -253,10 +256,6 @@ def main():
     check_deepspeed_config(
         training_args, assembly_args.text_model_name_or_path if assemble else model_args.model_name_or_path
     )
-    # An offload config that needs more host RAM than the machine has fails here, not by the kernel's hand later.
-    check_host_memory(
-        training_args, model_args, data_args, assembly_args.text_model_name_or_path if assemble else None
-    )
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------
     train_records = load_records(
@@ -293,6 +292,11 @@ def main():
         processor = AutoProcessor.from_pretrained(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
         )
+    # An offload config that needs more host RAM than the machine has fails here, not by the kernel's hand later;
+    # the image tokens per sample are the processor's own, measured at its cap.
+    check_host_memory(
+        training_args, model_args, data_args, text_path if assemble else None, image_tokens_at_cap(processor)
+    )
     # ---- preflight: every record becomes a sample once, before any weights load -------------------------------
     train_dataset = preflight(
         ConversationDataset(train_records, processor, data_args.max_length),
@@ -345,13 +349,19 @@ def main():
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
-    if training_args.gradient_checkpointing:
-        # Reentrant checkpointing needs an input that requires grad even when the embeddings are frozen.
-        model.enable_input_require_grads()
+    # With gradient checkpointing the Trainer hooks the input embeddings so that reentrant checkpointing has an
+    # input that requires grad; only where something trains, so that a frozen vision tower runs no backward.
+    input_grads_only_where_trained(model)
     log_trainable_parameters(model)
 
     # ---- data + collator --------------------------------------------------------------------------------------
-    collator = ConversationCollator(processor, guard_text_only_batches=data_args.guard_text_only_batches)
+    # Every micro-batch holds each kind of visual input the data has (blank unlabelled rows where missing), so every
+    # ZeRO-3 rank makes the same vision-tower calls (see the collator).
+    collator = ConversationCollator(
+        processor,
+        guard_text_only_batches=data_args.guard_text_only_batches,
+        media_kinds=media_kinds(train_dataset, eval_dataset),
+    )
 
     # ---- trainer ------------------------------------------------------------------------------------------------
     trainer = Trainer(

@@ -3,6 +3,7 @@ under DeepSpeed ZeRO-3 with CPU offload.
 
 Launch (from the repository root):
 
+    accelerate launch recipes/llava.py    # under ds_configs/zero3_offload.json, named by the YAML
     accelerate launch --config_file accelerate_configs/zero3_offload.yaml recipes/llava.py
     accelerate launch --config_file accelerate_configs/zero3_offload.yaml --num_processes 4 recipes/llava.py \
         --config recipes/configs/llava_lora.yaml --dataset_path data/train.json --image_root data/images
@@ -13,7 +14,8 @@ llava_lora.yaml (LoRA on the language model, projector trained), llava_pretrain.
 only), llava_demo.yaml (the tiny CPU demo). Any field can be overridden on the command line by its name.
 Re-running the same command resumes from the last complete checkpoint in output_dir.
 
-Tested: 2 CPU processes over gloo (tiny model, tests/test_llava_recipe.py).
+Tested: 2 CPU processes over gloo (tiny model, tests/test_llava_recipe.py; a tiny model around llava-1.5-7b-hf's own
+processor files, launched plainly, learns to answer and stop: tests/test_real_checkpoints.py).
 To fine-tune another LLaVA-architecture model, copy this file and its YAML: the lines marked MODEL-SPECIFIC
 are the ones to change.
 """
@@ -25,14 +27,16 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
-from vlm_recipes.data import ConversationDataset, load_records
+from vlm_recipes.data import ConversationDataset, load_records, media_kinds
 from vlm_recipes.ds_config import check_deepspeed_config
+from vlm_recipes.masking import image_tokens_at_cap
 from vlm_recipes.memory import check_host_memory
 from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
     ResolvedDeepSpeedConfigCallback,
     finish_run,
+    input_grads_only_where_trained,
     log_trainable_parameters,
     lora_target_pattern,
     prepare_output_dir,
@@ -51,7 +55,6 @@ def main():
     check_deepspeed_config(
         training_args, model_args.model_name_or_path
     )  # contradictions fail here, not at train()
-    check_host_memory(training_args, model_args, data_args)  # offload needing more RAM than the machine has
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------
     train_records = load_records(
@@ -81,6 +84,9 @@ def main():
     processor = AutoProcessor.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
+    # An offload config needing more host RAM than the machine has fails here; the image tokens per sample are the
+    # processor's own, measured at its cap.
+    check_host_memory(training_args, model_args, data_args, image_tokens=image_tokens_at_cap(processor))
     # ---- preflight: every record becomes a sample once, before any weights load -------------------------------
     train_dataset = preflight(
         ConversationDataset(train_records, processor, data_args.max_length),
@@ -129,13 +135,19 @@ def main():
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
-    if training_args.gradient_checkpointing:
-        # Reentrant checkpointing needs an input that requires grad even when the embeddings are frozen.
-        model.enable_input_require_grads()
+    # With gradient checkpointing the Trainer hooks the input embeddings so that reentrant checkpointing has an
+    # input that requires grad; only where something trains, so that a frozen vision tower runs no backward.
+    input_grads_only_where_trained(model)
     log_trainable_parameters(model)
 
     # ---- data + collator --------------------------------------------------------------------------------------
-    collator = ConversationCollator(processor, guard_text_only_batches=data_args.guard_text_only_batches)
+    # Every micro-batch holds each kind of visual input the data has (blank unlabelled rows where missing), so every
+    # ZeRO-3 rank makes the same vision-tower calls (see the collator).
+    collator = ConversationCollator(
+        processor,
+        guard_text_only_batches=data_args.guard_text_only_batches,
+        media_kinds=media_kinds(train_dataset, eval_dataset),
+    )
 
     # ---- trainer ------------------------------------------------------------------------------------------------
     trainer = Trainer(

@@ -3,6 +3,7 @@ with the HF Trainer under DeepSpeed ZeRO-3 with CPU offload.
 
 Launch (from the repository root):
 
+    accelerate launch recipes/qwen_vl.py    # under ds_configs/zero3_offload.json, named by the YAML
     accelerate launch --config_file accelerate_configs/zero3_offload.yaml recipes/qwen_vl.py
     accelerate launch --config_file accelerate_configs/zero3_offload.yaml --num_processes 4 recipes/qwen_vl.py \
         --config recipes/configs/qwen_vl_lora.yaml --dataset_path data/train.jsonl --image_root data/images
@@ -11,12 +12,14 @@ Launch (from the repository root):
 Configs: qwen_vl.yaml (Qwen2.5-VL-7B-Instruct: merger + language model, vision tower frozen), qwen_vl_3b.yaml
 (the same for Qwen2.5-VL-3B), qwen_vl_lora.yaml (LoRA on the language model, merger trained),
 qwen_vl_demo.yaml (the tiny CPU demo). Any field can be overridden on the command line by its name.
---min_pixels / --max_pixels cap each image's resolution, and so its number of tokens: the main GPU-memory knob
-for these models. --attn_implementation sdpa_varlen (the real-size configs' default) gives the windowed vision
+--min_pixels / --max_pixels cap each image's resolution, and so its number of tokens (one per 28x28 pixels; Qwen3-VL
+32x32): the main GPU-memory knob for these models; --video_min_pixels / --video_max_pixels cap videos. The caps are
+checked at start by measuring a probe image through the processor. --attn_implementation sdpa_varlen (the real-size configs' default) gives the windowed vision
 tower one packed attention kernel per layer (vlm_recipes/attention.py; 1.8x faster on an H100, docs/benchmarks.md).
 Re-running the same command resumes from the last complete checkpoint in output_dir.
 
-Tested: 2 CPU processes over gloo (tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL, tests/test_qwen_vl_recipe.py).
+Tested: 2 CPU processes over gloo (tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL, tests/test_qwen_vl_recipe.py; tiny
+models around the real checkpoints' processor files, tests/test_real_checkpoints.py).
 The original 2023 Qwen-VL exists only as remote code for old transformers and is not supported.
 """
 
@@ -29,14 +32,16 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from vlm_recipes.attention import PACKED_VISION_ATTENTION, use_packed_vision_attention
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
-from vlm_recipes.data import ConversationDataset, load_records
+from vlm_recipes.data import ConversationDataset, load_records, media_kinds
 from vlm_recipes.ds_config import check_deepspeed_config
+from vlm_recipes.masking import PROBE_SIDE, image_tokens_at_cap, media_tokens_for
 from vlm_recipes.memory import check_host_memory
 from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
     ResolvedDeepSpeedConfigCallback,
     finish_run,
+    input_grads_only_where_trained,
     log_trainable_parameters,
     lora_target_pattern,
     prepare_output_dir,
@@ -49,13 +54,58 @@ SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # MODEL-SPECIFIC
 
 
 @dataclass
-class QwenImageArguments:  # MODEL-SPECIFIC: Qwen's image processor resizes to a pixel budget
+class QwenImageArguments:  # MODEL-SPECIFIC: Qwen's image and video processors resize to a pixel budget
     min_pixels: int | None = field(
-        default=None, metadata={"help": "Smallest image area in pixels (multiple of 28x28)."}
-    )
+        default=None,
+        metadata={"help": "Smallest image area in pixels (default: the checkpoint's). Each (patch x merge)^2 block "
+                  "is one image token: 28x28 pixels for Qwen2-VL / Qwen2.5-VL, 32x32 for Qwen3-VL."},
+    )  # fmt: skip
     max_pixels: int | None = field(
-        default=None, metadata={"help": "Largest image area in pixels; each 28x28 block is one image token."}
+        default=None,
+        metadata={"help": "Largest image area in pixels: at most max_pixels / 28^2 tokens per image (Qwen3-VL: / 32^2). "
+                  "The real checkpoints allow 12,845,056 (16,384 tokens) or more."},
+    )  # fmt: skip
+    video_min_pixels: int | None = field(
+        default=None, metadata={"help": "The same for videos (the video processor's own min_pixels)."}
     )
+    video_max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Largest video size in pixels, as the video processor counts it: per frame for "
+                  "Qwen2-VL / Qwen2.5-VL, over all sampled frames for Qwen3-VL."},
+    )  # fmt: skip
+
+
+def load_processor(model_args, image_args):  # MODEL-SPECIFIC: the pixel caps
+    """The checkpoint's processor, with --min_pixels/--max_pixels applied to its image processor and
+    --video_min_pixels/--video_max_pixels to its video processor, checked by measuring a probe image.
+
+    Qwen2-VL / Qwen2.5-VL checkpoints carry top-level min_pixels / max_pixels in preprocessor_config.json, which the
+    image processor applies after `size` (so `size=` alone changes nothing); Qwen3-VL's carry only `size`. Both are
+    given, so the caps hold on either layout."""
+    path, trust = model_args.model_name_or_path, model_args.trust_remote_code
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+    caps = {
+        "image": ("image_processor", image_args.min_pixels, image_args.max_pixels),
+        "video": ("video_processor", image_args.video_min_pixels, image_args.video_max_pixels),
+    }
+    for kind, (attribute, low, high) in caps.items():
+        if not (low or high):
+            continue
+        current = getattr(processor, attribute)
+        low, high = low or current.size.shortest_edge, high or current.size.longest_edge
+        capped = type(current).from_pretrained(
+            path, size={"shortest_edge": low, "longest_edge": high}, min_pixels=low, max_pixels=high,
+            trust_remote_code=trust,
+        )  # fmt: skip
+        setattr(processor, attribute, capped)
+        pixels_per_token = (capped.patch_size * capped.merge_size) ** 2
+        measured = media_tokens_for(processor, kind, PROBE_SIDE, PROBE_SIDE)
+        if measured > high // pixels_per_token:
+            raise ConfigError(
+                f"the {kind} processor of {path} ignored the pixel cap {high:,}: a {PROBE_SIDE}x{PROBE_SIDE} probe "
+                f"became {measured:,} tokens, more than {high // pixels_per_token:,}"
+            )
+    return processor
 
 
 def main():
@@ -68,7 +118,6 @@ def main():
     check_deepspeed_config(
         training_args, model_args.model_name_or_path
     )  # contradictions fail here, not at train()
-    check_host_memory(training_args, model_args, data_args)  # offload needing more RAM than the machine has
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------
     train_records = load_records(
@@ -95,28 +144,23 @@ def main():
             f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/qwen_vl.py trains "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
         )
-    processor = AutoProcessor.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    processor = load_processor(model_args, image_args)
+    # The host RAM a run needs depends on the image tokens per sample: the processor's, measured at its cap.
+    tokens_at_cap = image_tokens_at_cap(processor)
+    check_host_memory(training_args, model_args, data_args, image_tokens=tokens_at_cap)
+    fewer_media_tokens = (  # MODEL-SPECIFIC: the advice for a sample whose images do not fit max_length
+        f"lower --max_pixels or --video_max_pixels (an image is now up to {tokens_at_cap:,} tokens)"
     )
-    if image_args.min_pixels or image_args.max_pixels:  # MODEL-SPECIFIC: the pixel budget is the image size
-        size = processor.image_processor.size
-        pixel_caps = {
-            "shortest_edge": image_args.min_pixels or size.shortest_edge,
-            "longest_edge": image_args.max_pixels or size.longest_edge,
-        }
-        processor = AutoProcessor.from_pretrained(
-            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, size=pixel_caps
-        )
     # ---- preflight: every record becomes a sample once, before any weights load -------------------------------
     train_dataset = preflight(
-        ConversationDataset(train_records, processor, data_args.max_length),
+        ConversationDataset(train_records, processor, data_args.max_length, fewer_media_tokens),
         data_args.dataset_path,
         data_args.skip_bad_records,
         training_args.dataloader_num_workers,
     )
     eval_dataset = (
         preflight(
-            ConversationDataset(eval_records, processor, data_args.max_length),
+            ConversationDataset(eval_records, processor, data_args.max_length, fewer_media_tokens),
             data_args.eval_dataset_path,
             data_args.skip_bad_records,
             training_args.dataloader_num_workers,
@@ -163,15 +207,21 @@ def main():
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
-    if training_args.gradient_checkpointing:
-        # Reentrant checkpointing needs an input that requires grad even when the embeddings are frozen.
-        model.enable_input_require_grads()
+    # With gradient checkpointing the Trainer hooks the input embeddings so that reentrant checkpointing has an
+    # input that requires grad; only where something trains, so that a frozen vision tower runs no backward.
+    input_grads_only_where_trained(model)
     log_trainable_parameters(model)
 
     # ---- data + collator --------------------------------------------------------------------------------------
     # Pads input_ids, labels, attention_mask and mm_token_type_ids (which transformers 5 requires next to
     # image_grid_thw); concatenates pixel_values and the image/video grids.
-    collator = ConversationCollator(processor, guard_text_only_batches=data_args.guard_text_only_batches)
+    # Every micro-batch holds each kind of visual input the data has (blank unlabelled rows where missing), so every
+    # ZeRO-3 rank makes the same vision-tower calls (see the collator).
+    collator = ConversationCollator(
+        processor,
+        guard_text_only_batches=data_args.guard_text_only_batches,
+        media_kinds=media_kinds(train_dataset, eval_dataset),
+    )
 
     # ---- trainer ------------------------------------------------------------------------------------------------
     trainer = Trainer(

@@ -251,6 +251,11 @@ def launch_config(config_name: str, run_dir: Path, ds_set: list[str]) -> tuple[P
         for line in text.splitlines():
             if line.strip().startswith("deepspeed_config_file:"):
                 ds_path = REPO / line.split(":", 1)[1].strip()
+        if ds_path is None and "distributed_type: FSDP" not in text:
+            extra = [
+                "--deepspeed",
+                "none",
+            ]  # the recipe YAMLs name zero3_offload.json; this config runs without
     if ds_set:
         if ds_path is None:
             raise SystemExit(f"--ds_set needs a DeepSpeed config; {config_name} has none")

@@ -1,11 +1,22 @@
-"""Build a tiny, randomly initialised vision-language model with a locally built processor.
+"""Build a tiny, randomly initialised vision-language model, around a processor built here or a real one.
 
     python scripts/make_tiny_model.py --family llava --output_dir runs/tiny-llava
+    python scripts/make_tiny_model.py --processor_from ../shared/real-checkpoints/llava-1.5-7b-hf \
+        --output_dir runs/tiny-real-llava
 
-The model comes from the family's real transformers config classes, the tokenizer is a byte-level BPE
-trained here on a small embedded corpus, and the image processor and chat template are the family's own
-kinds. Everything is saved with `save_pretrained`, so recipes and tests load it through the same
-`from_pretrained` path a user's checkpoint takes. Nothing is downloaded.
+With --family, the model comes from the family's real transformers config classes, the tokenizer is a
+byte-level BPE trained here on a small embedded corpus, and the image processor and chat template are the
+family's own kinds, written to differ from the real checkpoints' on purpose (our own special tokens, an end
+token after every answer).
+
+With --processor_from, the folder's own processor files (tokenizer, chat template, image and video processor
+configs: what a user's checkpoint ships) are saved unchanged next to a tiny random model made from the folder's
+config.json, shrunk in width and depth only: the vocabulary size, the special-token ids, the patch and merge
+sizes and the image size stay the real ones, so the image-token counts and the labels are those of the real
+checkpoint. Works for llava, qwen2_vl, qwen2_5_vl and qwen3_vl configs.
+
+Everything is saved with `save_pretrained`, so recipes and tests load it through the same `from_pretrained` path
+a user's checkpoint takes. Nothing is downloaded.
 """
 
 import argparse
@@ -409,6 +420,56 @@ def build_chexagent(output_dir: Path, seed: int) -> None:
     processor.save_pretrained(output_dir)
 
 
+# Width and depth of the tiny models built around real processor files (--processor_from); every key that a
+# config does not have is skipped. head_dim 16 = hidden 64 / 4 heads; Qwen's rotary sections (time, height,
+# width) must then add up to head_dim / 2 = 8.
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_window_layers=2)  # fmt: skip
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, depth=2, num_attention_heads=2,
+                   num_heads=2, embed_dim=32, mlp_ratio=2, projection_dim=32, out_hidden_size=64,
+                   fullatt_block_indexes=[1], deepstack_visual_indexes=[0])  # fmt: skip
+TINY_MROPE_SECTION = [2, 3, 3]
+
+
+def shrunk(config_dict: dict, sizes: dict) -> dict:
+    return {**config_dict, **{key: value for key, value in sizes.items() if key in config_dict}}
+
+
+def tiny_config_from(real_dir: Path):
+    """The real config of `real_dir`, as narrow and shallow as the tiny models, everything else unchanged."""
+    from transformers import AutoConfig
+
+    real = AutoConfig.from_pretrained(real_dir)
+    config = real.to_dict()
+    # layer_types lists one entry per real layer; dropped, it is rebuilt for the tiny depth.
+    text = {k: v for k, v in shrunk(config["text_config"], TINY_TEXT).items() if k != "layer_types"}
+    for rope_key in ("rope_parameters", "rope_scaling"):
+        if isinstance(text.get(rope_key), dict) and "mrope_section" in text[rope_key]:
+            text[rope_key] = {**text[rope_key], "mrope_section": TINY_MROPE_SECTION}
+    vision = shrunk(config["vision_config"], TINY_VISION)
+    if real.model_type == "qwen2_vl":  # Qwen2-VL's vision hidden_size is its merger's output: the text width
+        vision["hidden_size"] = text["hidden_size"]
+    if "out_hidden_size" in vision:
+        vision["out_hidden_size"] = text["hidden_size"]
+    return type(real).from_dict({**config, "text_config": text, "vision_config": vision})
+
+
+def build_around_real_processor(real_dir: Path, output_dir: Path, seed: int) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(real_dir)
+    config = tiny_config_from(real_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)  # real ones say 16 bits
+    tokenizer = processor.tokenizer
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
 BUILDERS = {
     "llava": build_llava,
     "qwen2-vl": lambda output_dir, seed: build_qwen(output_dir, seed, "qwen2-vl"),
@@ -425,10 +486,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--family", choices=sorted(BUILDERS), default="llava", help="qwen-vl is qwen2.5-vl")
+    parser.add_argument(
+        "--processor_from",
+        type=Path,
+        help="a checkpoint folder without weights (config.json + processor files): the tiny model keeps its "
+        "processor and its config's vocabulary, token ids and patch sizes (--family is then ignored)",
+    )
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.processor_from:
+        build_around_real_processor(args.processor_from, args.output_dir, args.seed)
+        print(f"tiny model around the processor of {args.processor_from} saved to {args.output_dir}")
+        return
     BUILDERS[args.family](args.output_dir, args.seed)
     print(f"tiny {args.family} model and processor saved to {args.output_dir}")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from vlm_recipes.masking import image_tokens_at_cap
 from vlm_recipes.memory import (
     DEFAULT_MARGIN,
     GIB,
@@ -31,14 +32,12 @@ from vlm_recipes.memory import (
     TrainingSetup,
     as_json,
     estimate_all,
+    image_tokens_for_area,
     load_model_config,
     model_shape,
     parameter_split,
     recommend,
 )
-
-# Qwen-VL: one image token per 28x28 pixels (14-pixel patches, merged 2x2).
-QWEN_PIXELS_PER_TOKEN = 28 * 28
 
 
 def defaults_from_recipe_yaml(path: Path) -> dict:
@@ -59,7 +58,7 @@ def defaults_from_recipe_yaml(path: Path) -> dict:
     if values.get("gradient_checkpointing") is False:
         defaults["no_gradient_checkpointing"] = True
     if values.get("max_pixels"):
-        defaults["image_tokens"] = values["max_pixels"] // QWEN_PIXELS_PER_TOKEN
+        defaults["max_pixels"] = values["max_pixels"]
     return {key: value for key, value in defaults.items() if value is not None}
 
 
@@ -82,7 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--micro_batch", type=int, default=4, help="per_device_train_batch_size")
     parser.add_argument("--seq_len", type=int, default=2048, help="tokens per sample, image tokens included")
     parser.add_argument("--image_tokens", type=int, default=None,
-                        help="image tokens per sample (default: one image at the model's usual size)")  # fmt: skip
+                        help="image tokens per sample (default: measured with the processor of a local checkpoint "
+                        "folder; else one image at the model's usual size)")  # fmt: skip
+    parser.add_argument("--max_pixels", type=int, default=None,
+                        help="pixel-budget models (Qwen-VL): one image of this area per sample")  # fmt: skip
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
     parser.add_argument("--dataloader_workers", type=int, default=4)
     parser.add_argument(
@@ -121,6 +123,27 @@ def breakdown(estimates) -> str:
     return "\n".join(lines)
 
 
+def image_tokens_per_sample(args, config) -> tuple[int | None, str]:
+    """(image tokens per sample, where the number comes from): --image_tokens; --max_pixels over the config's patch
+    and merge sizes; the processor of a local checkpoint folder, measured at its cap; else None (the config's usual
+    size: the planner's default)."""
+    if args.image_tokens is not None:
+        return args.image_tokens, "--image_tokens"
+    vision = getattr(config, "vision_config", None)
+    if args.max_pixels and vision is not None:
+        return image_tokens_for_area(vision, args.max_pixels), f"--max_pixels {args.max_pixels}"
+    if Path(args.model).is_dir():
+        try:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(args.model)
+        except (OSError, ValueError, TypeError):
+            processor = None
+        if processor is not None and getattr(processor, "image_token_id", None) is not None:
+            return image_tokens_at_cap(processor), f"measured with {args.model}'s processor at its cap"
+    return None, "the model's usual image size"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
@@ -128,13 +151,14 @@ def main(argv=None) -> None:
     except ModelNotKnownOffline as error:
         sys.exit(str(error))
     shape = model_shape(name, config)
+    image_tokens, image_tokens_from = image_tokens_per_sample(args, config)
     setup = TrainingSetup.from_mode(
         args.mode,
         train_vision_tower=args.train_vision_tower,
         lora_r=args.lora_r,
         micro_batch=args.micro_batch,
         seq_len=args.seq_len,
-        image_tokens=args.image_tokens,
+        image_tokens=image_tokens,
         gradient_checkpointing=not args.no_gradient_checkpointing,
         dataloader_workers=args.dataloader_workers,
     )
@@ -157,7 +181,7 @@ def main(argv=None) -> None:
     )
     print(
         f"Training: {setup.mode}: {trainable / 1e9:.3f}B trainable, {frozen / 1e9:.3f}B frozen; micro-batch "
-        f"{setup.micro_batch} x {setup.seq_len} tokens ({image_tokens} image tokens each), gradient checkpointing "
+        f"{setup.micro_batch} x {setup.seq_len} tokens ({image_tokens} image tokens each, {image_tokens_from}), gradient checkpointing "
         f"{'on' if setup.gradient_checkpointing else 'off'}, {setup.dataloader_workers} data-loader workers"
     )
     print(

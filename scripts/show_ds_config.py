@@ -26,7 +26,7 @@ import torch
 import yaml
 from transformers import AutoConfig
 
-from vlm_recipes.config import ConfigError, parse_recipe_args
+from vlm_recipes.config import NO_DEEPSPEED, ConfigError, parse_recipe_args, pop_flag
 from vlm_recipes.data import load_records
 from vlm_recipes.ds_config import (
     KNOWN_TEXT_HIDDEN_SIZES,
@@ -106,7 +106,14 @@ def main() -> None:
     if not torch.cuda.is_available():
         # Lets --bf16/--fp16 through TrainingArguments' GPU check here; it changes nothing in the DeepSpeed config.
         recipe_argv = [*recipe_argv, "--use_cpu", "true"]
-    model_args, data_args, training_args, *_ = parse_recipe_args(default_config, recipe_argv, extra_classes)
+    # The JSON is resolved here, as a run would, not by TrainingArguments: a --deepspeed among the recipe's arguments
+    # names the file to resolve.
+    named, recipe_argv = pop_flag(recipe_argv, "deepspeed")
+    model_args, data_args, training_args, *_ = parse_recipe_args(
+        default_config, [*recipe_argv, "--deepspeed", "none"], extra_classes
+    )
+    if named and named.lower() not in NO_DEEPSPEED and args.ds_config is None:
+        args.ds_config = Path(named)
     path = args.ds_config or ds_config_path(args.accelerate_config)
     model_config = load_model_config(model_args.model_name_or_path)
     steps = args.num_training_steps

@@ -13,6 +13,7 @@ Where the end-to-end tests run is set by two environment variables; unset, they 
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -92,11 +93,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def picks_a_backend(accelerate_config) -> bool:
+    """Whether the accelerate config runs DeepSpeed or FSDP, which then replaces the recipe YAML's DeepSpeed config;
+    one without (single_gpu.yaml, multi_gpu.yaml) is launched with --deepspeed none, as the Makefile does."""
+    return bool(
+        re.search(r'^distributed_type: *"?(DEEPSPEED|FSDP)', Path(accelerate_config).read_text(), re.M)
+    )
+
+
 def recipe_command(
     recipe: str, args: list, num_processes: int | None = None, accelerate_config=ACCELERATE_CONFIG
 ) -> list[str]:
     """`accelerate launch --config_file accelerate_configs/zero3_offload.yaml recipes/<recipe> ARGS`, or with
     another accelerate config; VLM_TEST_NUM_PROCESSES processes unless told, in VLM_TEST_PRECISION."""
+    args = list(args)
+    if not picks_a_backend(accelerate_config) and "--deepspeed" not in map(str, args):
+        args += ["--deepspeed", "none"]
     command = [
         sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
         "--config_file", accelerate_config, "--num_processes", num_processes or NUM_PROCESSES,
@@ -124,6 +136,25 @@ def tiny_model(tmp_path_factory):
             )
             built[family] = path
         return built[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_real(tmp_path_factory):
+    """tiny_real("llava-1.5-7b-hf") -> a tiny random model saved with that real checkpoint's own processor files
+    (scripts/make_tiny_model.py --processor_from; tests/real_checkpoints.py says where the files are)."""
+    from tests.real_checkpoints import real_folder
+
+    built = {}
+
+    def build(name: str) -> Path:
+        if name not in built:
+            path = tmp_path_factory.mktemp("real") / name
+            run_command([sys.executable, "scripts/make_tiny_model.py", "--processor_from", real_folder(name),
+                         "--output_dir", path])  # fmt: skip
+            built[name] = path
+        return built[name]
 
     return build
 

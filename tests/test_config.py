@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from vlm_recipes.config import ConfigError, parse_recipe_args
+from vlm_recipes.config import ConfigError, parse_recipe_args, resolve_deepspeed
 from vlm_recipes.ds_config import arch_list_deepspeed_can_parse, check_deepspeed_config, secret_keys
 from vlm_recipes.training import training_dtype
 
@@ -100,3 +100,65 @@ def test_cuda_arch_variants_are_dropped_for_deepspeed(given, expected):
     environ = {"TORCH_CUDA_ARCH_LIST": given}
     assert arch_list_deepspeed_can_parse(environ) == expected
     assert environ["TORCH_CUDA_ARCH_LIST"] == (expected if expected is not None else given)
+
+
+# ---- which DeepSpeed config a run uses -------------------------------------------------------------------------
+
+SHARED = str(REPO / "ds_configs" / "zero3_offload.json")
+ZERO2 = str(REPO / "ds_configs" / "zero2.json")
+LAUNCHER_ZERO2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": ZERO2}
+LAUNCHER_SHARED = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": SHARED}
+YAML = REPO / "recipes" / "configs" / "llava.yaml"
+
+
+def test_every_recipe_yaml_names_the_shared_zero3_offload_config():
+    import yaml
+
+    for path in sorted((REPO / "recipes" / "configs").glob("*.yaml")):
+        assert yaml.safe_load(path.read_text())["deepspeed"] == "ds_configs/zero3_offload.json", path
+
+
+def test_plain_launch_takes_the_yaml_config_found_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(
+        tmp_path
+    )  # ds_configs/... is then found beside the recipes, not in the working directory
+    chosen, line = resolve_deepspeed("ds_configs/zero3_offload.json", None, YAML, environ={})
+    assert chosen == SHARED and f"(deepspeed in {YAML})" in line
+
+
+def test_launcher_config_replaces_the_yaml_and_says_so():
+    assert resolve_deepspeed("ds_configs/zero3_offload.json", None, YAML, LAUNCHER_SHARED) == (None, None)
+    chosen, line = resolve_deepspeed("ds_configs/zero3_offload.json", None, YAML, LAUNCHER_ZERO2)
+    assert (
+        chosen is None and "the launcher config wins" in line and ZERO2 in line
+    )  # accelerate hands over zero2
+    chosen, line = resolve_deepspeed(
+        "ds_configs/zero3_offload.json", None, YAML, {"ACCELERATE_USE_FSDP": "true"}
+    )
+    assert chosen is None and "FSDP" in line
+
+
+def test_command_line_deepspeed_that_contradicts_the_launcher_is_refused():
+    with pytest.raises(
+        ConfigError, match=r"runs DeepSpeed \(.*zero2.json\), but --deepspeed ds_configs/zero3"
+    ):
+        resolve_deepspeed(None, "ds_configs/zero3_offload.json", YAML, LAUNCHER_ZERO2)
+    with pytest.raises(ConfigError, match="asks for no DeepSpeed"):
+        resolve_deepspeed(None, "none", YAML, LAUNCHER_ZERO2)
+    with pytest.raises(ConfigError, match="runs FSDP"):
+        resolve_deepspeed(None, "ds_configs/zero2.json", YAML, {"ACCELERATE_USE_FSDP": "true"})
+    assert resolve_deepspeed(None, "ds_configs/zero2.json", YAML, LAUNCHER_ZERO2) == (
+        None,
+        None,
+    )  # they agree
+    assert resolve_deepspeed("ds_configs/zero3_offload.json", "none", YAML, {}) == (None, None)
+    with pytest.raises(ConfigError, match="ds_configs/zero9.json .*does not exist"):
+        resolve_deepspeed("ds_configs/zero9.json", None, YAML, {})
+
+
+def test_contradiction_is_refused_by_the_recipe_before_anything_loads(tmp_path, monkeypatch):
+    for name, value in LAUNCHER_ZERO2.items():
+        monkeypatch.setenv(name, value)
+    config = write_yaml(tmp_path, BASE.format(out=tmp_path / "out"))
+    with pytest.raises(ConfigError, match="Pick one"):
+        parse_recipe_args(config, ["--config", str(config), "--deepspeed", "ds_configs/zero3_offload.json"])

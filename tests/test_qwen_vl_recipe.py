@@ -1,6 +1,7 @@
 """The Qwen-VL recipe: label masks on the real Qwen chat layout, end-to-end 2-process ZeRO-3 offload runs of
-tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL (loss falls, saved model equals the trained weights), LoRA, pixel caps,
-and the mixed text-only / image batch guard. The tiny Qwen2.5-VL run also runs on CUDA in bf16 and fp16
+tiny Qwen2-VL and Qwen3-VL around their real checkpoints' processor files and of a tiny Qwen2.5-VL around our own
+(loss falls, saved model equals the trained weights), LoRA, pixel caps through the recipe's code, and the mixed
+text-only / image batch guard. The tiny Qwen2.5-VL run also runs on CUDA in bf16 and fp16
 (`make test-gpu`, marked gpu_e2e)."""
 
 import importlib.util
@@ -26,10 +27,12 @@ from tests.conftest import (
     recipe_command,
     requires_processes,
 )
+from tests.real_checkpoints import real_folder
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.masking import IGNORE_INDEX, tokenize_conversation
 
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+REAL_PROCESSORS = {"qwen2-vl": "qwen2-vl-7b-instruct", "qwen3-vl": "qwen3-vl-8b-instruct"}
 
 
 def user(text, images=0):
@@ -76,13 +79,18 @@ def test_masks_follow_the_qwen_chat_layout(tiny_model, family):
 
 
 def test_pixel_caps_set_the_number_of_image_tokens(tiny_model):
-    path = tiny_model("qwen2.5-vl")
+    """Through the recipe's own load_processor (tests/test_real_checkpoints.py does the same on the real files)."""
+    from vlm_recipes.config import ModelArguments
+
+    spec = importlib.util.spec_from_file_location("qwen_vl_recipe", REPO / "recipes" / "qwen_vl.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    model_args = ModelArguments(model_name_or_path=str(tiny_model("qwen2.5-vl")))
     image, messages = Image.new("RGB", (200, 200)), [user("What?", images=1), assistant("x")]
     counts = {}
     for max_pixels in (3136, 12544):  # 56x56 -> 4 tokens; 112x112 -> 16 tokens
-        processor = AutoProcessor.from_pretrained(
-            path, size={"shortest_edge": 784, "longest_edge": max_pixels}
-        )
+        caps = recipe.QwenImageArguments(min_pixels=784, max_pixels=max_pixels)
+        processor = recipe.load_processor(model_args, caps)
         sample = tokenize_conversation(processor, messages, [image])
         counts[max_pixels] = int((sample["input_ids"] == processor.image_token_id).sum())
     assert counts == {3136: 4, 12544: 16}
@@ -105,7 +113,7 @@ def test_text_only_batch_guard_keeps_the_loss(tiny_model):
 
 
 def test_video_as_frames_trains_and_a_video_file_without_decoder_names_the_record(tiny_model, tmp_path):
-    from vlm_recipes.data import ConversationDataset, DataError, load_records
+    from vlm_recipes.data import ConversationDataset, DataError, load_records, media_kinds
 
     for k in range(4):
         Image.new("RGB", (64, 64), (60 * k, 0, 0)).save(tmp_path / f"frame{k}.png")
@@ -123,8 +131,9 @@ def test_video_as_frames_trains_and_a_video_file_without_decoder_names_the_recor
     dataset = ConversationDataset(load_records(str(tmp_path / "videos.json"), str(tmp_path)), processor, 256)
     sample = dataset[0]
     assert int((sample["input_ids"] == processor.video_token_id).sum()) == 8  # 4 frames -> 2 x 2x2 tokens
-    batch = ConversationCollator(processor)([sample])
-    assert "pixel_values" not in batch  # a video batch runs the vision tower already: no guard row
+    assert media_kinds(dataset) == ("video",)
+    batch = ConversationCollator(processor, media_kinds=media_kinds(dataset))([sample])
+    assert "pixel_values" not in batch  # video-only data: every batch holds a video already, no guard row
     model = AutoModelForImageTextToText.from_pretrained(path)
     assert torch.isfinite(model(**batch).loss)
     decodable = any(importlib.util.find_spec(name) for name in ("torchcodec", "av", "decord", "cv2"))
@@ -151,8 +160,13 @@ def recipe_args(model_dir, demo_data, output_dir, *extra):
         for family in FAMILIES
     ],
 )
-def test_full_finetune_two_processes(tiny_model, demo_data, tmp_path, family):
-    model_dir, output_dir = tiny_model(family), tmp_path / family
+def test_full_finetune_two_processes(tiny_model, tiny_real, demo_data, tmp_path, family):
+    # Qwen2-VL and Qwen3-VL train around their real checkpoints' processor files (real vocabulary, token ids,
+    # preprocessor layouts); Qwen2.5-VL around our own, whose tokenizer and pixel caps differ from the real ones.
+    real = REAL_PROCESSORS.get(family)
+    if real and not real_folder(real).is_dir():
+        pytest.skip(f"needs the real checkpoints' processor files {real_folder(real)}")
+    model_dir, output_dir = (tiny_real(real) if real else tiny_model(family)), tmp_path / family
     args = recipe_args(
         model_dir, demo_data, output_dir,
         "--max_steps", "24", "--per_device_train_batch_size", "4", "--learning_rate", "2e-3", "--warmup_steps", "2",

@@ -8,15 +8,22 @@ from PIL import Image
 
 from vlm_recipes.masking import IGNORE_INDEX, PER_TOKEN_KEYS, add_special_tokens_for, render
 
-VISION_INPUT_KEYS = ("pixel_values", "pixel_values_videos")
+MEDIA_KINDS = ("image", "video")
 
 
-def blank_image_row(processor) -> dict[str, torch.Tensor]:
-    """One unlabelled sample holding a single blank image, built with the model's own template and processor."""
-    text = render(processor, [{"role": "user", "content": [{"type": "image"}]}])
+def blank_media(kind: str) -> dict:
+    """The processor arguments for one blank image, or one blank two-frame video (a list of frames)."""
+    frame = Image.new("RGB", (64, 64))
+    return {"images": [frame]} if kind == "image" else {"videos": [[frame, frame]]}
+
+
+def blank_row(processor, kind: str) -> dict[str, torch.Tensor]:
+    """One unlabelled sample holding a single blank image or video, built with the model's own template and
+    processor."""
+    text = render(processor, [{"role": "user", "content": [{"type": kind}]}])
     encoded = processor(
         text=[text],
-        images=[Image.new("RGB", (64, 64))],
+        **blank_media(kind),
         add_special_tokens=add_special_tokens_for(processor, text),
         return_tensors="pt",
     )
@@ -25,17 +32,43 @@ def blank_image_row(processor) -> dict[str, torch.Tensor]:
     return row
 
 
+def media_keys(row: dict) -> frozenset[str]:
+    """The keys that carry a row's visual input (pixel values, grids, sizes): everything that is not per token."""
+    return frozenset(key for key in row if key not in PER_TOKEN_KEYS)
+
+
 @dataclass
 class ConversationCollator:
     processor: Any
     # 8 keeps tensor-core friendly shapes on GPUs; 1 means "pad to the longest sample only".
     pad_to_multiple_of: int = 1
-    # Under ZeRO-3 every rank gathers the vision tower's weights when it runs it. A rank whose micro-batch has
-    # no image skips those collectives and the other ranks wait forever. A batch without images therefore
-    # gets one extra row: a blank image and no labels. The vision tower runs on every rank, and since the row
-    # has no labels and rows never attend to each other, the loss and the gradients are unchanged.
+    # Under ZeRO-3 every rank gathers the vision tower's weights each time it runs it, and the ranks must make the
+    # same gathers in the same order. A rank whose micro-batch has no image skips them and the other ranks wait
+    # forever; and models that run the tower once for images and once more for videos (Qwen-VL) make two calls on a
+    # rank whose batch holds both and one on a rank whose batch holds images only ("collective mismatch" on gloo, a
+    # hang on NCCL). So every micro-batch holds every kind in `media_kinds` (the kinds the dataset has): a batch
+    # missing one gets an extra row with a blank image or video and no labels. Every rank then makes the same
+    # vision-tower calls, and since the row has no labels and rows never attend to each other, the loss and the
+    # gradients are unchanged.
     guard_text_only_batches: bool = True
-    _blank_row: dict | None = field(default=None, init=False, repr=False)
+    media_kinds: tuple[str, ...] = ("image",)
+    _blank_rows: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.guard_text_only_batches:
+            self.blank_rows()  # now, so that a processor that cannot build one fails before any training
+
+    def blank_rows(self) -> dict[str, dict]:
+        """kind -> its blank row, built once."""
+        for kind in self.media_kinds:
+            if kind not in self._blank_rows:
+                self._blank_rows[kind] = blank_row(self.processor, kind)
+        return self._blank_rows
+
+    def guard_rows(self, samples: list[dict]) -> list[dict]:
+        """The blank rows this micro-batch needs: one for each kind in media_kinds that none of its samples has."""
+        present = set().union(*(sample.keys() for sample in samples))
+        return [row for row in self.blank_rows().values() if not media_keys(row) & present]
 
     @property
     def pad_token_id(self) -> int:
@@ -46,10 +79,8 @@ class ConversationCollator:
         return {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        if self.guard_text_only_batches and not any(key in s for s in samples for key in VISION_INPUT_KEYS):
-            if self._blank_row is None:
-                self._blank_row = blank_image_row(self.processor)
-            samples = [*samples, self._blank_row]
+        if self.guard_text_only_batches:
+            samples = [*samples, *self.guard_rows(samples)]
         longest = max(len(sample["input_ids"]) for sample in samples)
         length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {}

@@ -5,6 +5,13 @@
 
 Every key of a YAML file is a field name of ModelArguments, DataArguments or transformers' TrainingArguments,
 so a key greps to its field. Unknown keys are refused with the file and the closest field names.
+
+Which DeepSpeed config a run uses (`resolve_deepspeed`): the recipe YAMLs name the shared
+ds_configs/zero3_offload.json (`deepspeed:`), so the plain `accelerate launch recipes/llava.py` trains under it. A
+launcher config that picks a backend itself (an accelerate DeepSpeed config naming its JSON, or FSDP) replaces the
+YAML's value, and the run says so. A `--deepspeed` given on the command line is an explicit choice: it must agree
+with the launcher's, else the run is refused before anything loads. `--deepspeed none` trains without DeepSpeed
+(single_gpu.yaml, multi_gpu.yaml: `make train` adds it for those).
 """
 
 import difflib
@@ -173,6 +180,91 @@ def read_yaml_config(path: Path, argument_classes=ARGUMENT_CLASSES) -> dict:
     return values
 
 
+REPO = Path(__file__).resolve().parent.parent
+NO_DEEPSPEED = ("none", "false", "")
+
+
+def pop_flag(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+    """(value of --name, argv without it); None when the flag is absent."""
+    for k, arg in enumerate(argv):
+        if arg == f"--{name}" and k + 1 < len(argv):
+            return argv[k + 1], argv[:k] + argv[k + 2 :]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1], argv[:k] + argv[k + 1 :]
+    return None, argv
+
+
+def existing_ds_config(value: str, where: str) -> str:
+    # Relative to the working directory, as every path argument; else to the repository root, so the recipe YAMLs'
+    # `ds_configs/zero3_offload.json` also works from another directory.
+    for candidate in (Path(value), REPO / value):
+        if candidate.is_file():
+            return str(candidate.resolve())
+    raise ConfigError(
+        f"DeepSpeed config {value} ({where}) does not exist; give a path to a JSON in ds_configs/"
+    )
+
+
+def same_file(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def resolve_deepspeed(yaml_value, cli_value: str | None, config_path: Path, environ=os.environ):
+    """(the `deepspeed` argument for TrainingArguments, a line saying what was chosen or None). See the module
+    docstring for the rules; a contradiction between two explicit choices raises ConfigError."""
+    launcher_file = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+    launcher = None
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        launcher = (
+            f"DeepSpeed ({launcher_file})" if launcher_file else "DeepSpeed (settings in the launcher config)"
+        )
+    elif environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        launcher = "FSDP"
+    if cli_value is not None:
+        wanted = (
+            None
+            if str(cli_value).strip().lower() in NO_DEEPSPEED
+            else existing_ds_config(cli_value, "--deepspeed")
+        )
+        agrees = launcher is None or (
+            wanted is not None and launcher_file is not None and same_file(wanted, launcher_file)
+        )
+        if not agrees:
+            raise ConfigError(
+                f"the launcher config runs {launcher}, but --deepspeed {cli_value} asks for "
+                f"{'no DeepSpeed' if wanted is None else wanted}. Pick one: drop --deepspeed to use the launcher's, "
+                "or launch with another accelerate config (or none: `accelerate launch recipes/<model>.py` takes "
+                "the recipe YAML's DeepSpeed config)."
+            )
+        # Where the launcher runs DeepSpeed, accelerate hands its file to the Trainer: set it once, not twice.
+        return (None if launcher else wanted), None
+    if yaml_value is None or str(yaml_value).strip().lower() in NO_DEEPSPEED:
+        return None, None
+    from_yaml = existing_ds_config(str(yaml_value), f"deepspeed in {config_path}")
+    if launcher is None:
+        return from_yaml, f"DeepSpeed config: {from_yaml} (deepspeed in {config_path})"
+    if launcher_file is not None and same_file(from_yaml, launcher_file):
+        return None, None
+    return None, (
+        f"the launcher config's {launcher} replaces {config_path}'s deepspeed: {yaml_value} (the launcher config wins; "
+        "--deepspeed on the command line must agree with it)"
+    )
+
+
+def single_process_environment(environ=os.environ) -> None:
+    """DeepSpeed needs the variables a launcher sets; `python recipes/x.py` or a one-process `accelerate launch`
+    sets none, and DeepSpeed then looks for MPI and fails. One process is rank 0 of a world of 1."""
+    if "RANK" in environ or "LOCAL_RANK" in environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    environ.setdefault("MASTER_PORT", str(port))
+
+
 def parse_recipe_args(default_config: Path, argv: list[str] | None = None, extra_classes: tuple = ()):
     """(ModelArguments, DataArguments, RecipeTrainingArguments, *extra) from the YAML config and the command
     line. `extra_classes` are a recipe's own argument dataclasses (e.g. Qwen's pixel caps).
@@ -184,6 +276,18 @@ def parse_recipe_args(default_config: Path, argv: list[str] | None = None, extra
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, argv = split_config_flag(argv, default_config)
     values = read_yaml_config(config_path, argument_classes)
+    cli_deepspeed, argv = pop_flag(argv, "deepspeed")
+    values["deepspeed"], deepspeed_line = resolve_deepspeed(
+        values.get("deepspeed"), cli_deepspeed, config_path
+    )
+    if values["deepspeed"] is not None:
+        single_process_environment()
+        if not torch.cuda.is_available():
+            # A DeepSpeed config given to TrainingArguments on a machine without a GPU: without use_cpu the
+            # Trainer's process group counts 1 process and DeepSpeed refuses train_batch_size ("2 != 2 * 1 * 2").
+            values.setdefault("use_cpu", True)
+    if deepspeed_line and os.environ.get("RANK", "0") == "0":
+        print(deepspeed_line, file=sys.stderr, flush=True)
     given = set(values) | {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
     parser = HfArgumentParser(argument_classes)
     if not given & {"bf16", "fp16"}:

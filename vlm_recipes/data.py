@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlm_recipes.masking import tokenize_conversation
+from vlm_recipes.masking import FEWER_MEDIA_TOKENS, tokenize_conversation
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -321,10 +321,13 @@ def load_image(image) -> Image.Image:
 class ConversationDataset(Dataset):
     """Checked records, tokenized on access so that images are decoded by the data-loader workers."""
 
-    def __init__(self, records: list[dict], processor, max_length: int | None):
+    def __init__(
+        self, records: list[dict], processor, max_length: int | None, fewer_media_tokens=FEWER_MEDIA_TOKENS
+    ):
         self.records = records
         self.processor = processor
         self.max_length = max_length
+        self.fewer_media_tokens = fewer_media_tokens  # the advice when an image span does not fit max_length
 
     def __len__(self) -> int:
         return len(self.records)
@@ -340,10 +343,21 @@ class ConversationDataset(Dataset):
     def tokenize(self, index: int, images: list[Image.Image], videos: list) -> dict:
         record = self.records[index]
         with problems_named_by(record):
-            return tokenize_conversation(self.processor, record["messages"], images, self.max_length, videos)
+            return tokenize_conversation(
+                self.processor, record["messages"], images, self.max_length, videos, self.fewer_media_tokens
+            )
 
     def __getitem__(self, index: int) -> dict:
         return self.tokenize(index, *self.decode_media(index))
+
+
+def media_kinds(*datasets) -> tuple[str, ...]:
+    """The kinds of visual input ("image", "video") the datasets' records hold (None is skipped), for the
+    collator's ZeRO-3 guard. Every process has the same records after the preflight, so the same kinds."""
+    records = [record for dataset in datasets if dataset is not None for record in dataset.records]
+    return tuple(
+        kind for kind, key in (("image", "images"), ("video", "videos")) if any(r[key] for r in records)
+    )
 
 
 @contextmanager

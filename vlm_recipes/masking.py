@@ -5,8 +5,14 @@ The approach works with any chat template, with or without `{% generation %}` ma
 1. Render the conversation as text with the processor's own template.
 2. Find each assistant turn's characters by rendering the conversation up to that turn with the generation
    prompt (where the answer starts) and up to the end of the turn (where it ends). The turn's end token
-   (`</s>`, `<|im_end|>`, ...) is part of the span; whitespace the template writes after it is not.
-3. Tokenize the plain text once to map characters to tokens, run the processor on the same text (it expands
+   (`</s>`, `<|im_end|>`, `<end_of_turn>`, ...) is part of the span; whitespace the template writes after it is
+   not. Templates that rewrite earlier turns (thinking templates drop earlier reasoning) break that prefix
+   property; their answers are then searched for inside their own turn only.
+3. A template that writes no special token after an assistant turn (llava-1.5-7b-hf's ends a turn with a space)
+   gets the tokenizer's end-of-sequence token appended to the answer, labelled, as LLaVA's own training did:
+   otherwise nothing ever teaches the model to stop, and a fine-tuned model repeats its answer until
+   max_new_tokens.
+4. Tokenize the plain text once to map characters to tokens, run the processor on the same text (it expands
    each image placeholder into the model's image tokens), and carry the mask across the expansion.
 
 Image, video and padding tokens never carry labels. Truncation never cuts through an image span.
@@ -34,14 +40,49 @@ class CharSpan:
 
 
 def render(processor, messages, add_generation_prompt=False) -> str:
-    return processor.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    from jinja2 import TemplateError
+
+    try:
+        return processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as error:  # templates refuse some conversations (Llama-3.2-Vision: system + image)
+        raise SampleError(f"the model's chat template refuses this conversation: {error}") from None
+
+
+def message_text(message: dict) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content if part["type"] == "text")
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """Every token the tokenizer never splits and treats as special (named ones such as EOS, and added special
+    tokens such as `<|im_end|>` or `<end_of_turn>`), longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens = set(tokenizer.all_special_tokens) | {
+        t.content for t in added.values() if getattr(t, "special", False)
+    }
+    return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
+def turn_window(text: str, messages, index: int, cursor: int) -> tuple[int, int]:
+    """Where assistant turn `index` can lie in `text`: after the text of the message before it (found from
+    `cursor`, the end of the previous answer) and before the text of the message after it."""
+    low, high = cursor, len(text)
+    previous = message_text(messages[index - 1]) if index else ""
+    if previous and (found := text.find(previous, cursor)) >= 0:
+        low = found + len(previous)
+    following = message_text(messages[index + 1]) if index + 1 < len(messages) else ""
+    if following and (found := text.find(following, low)) >= 0:
+        high = found
+    return low, high
 
 
 def assistant_char_spans(processor, messages, text: str) -> list[CharSpan]:
-    """Character spans of `text` that hold the assistant turns, each with its end token."""
-    special_tokens = sorted(processor.tokenizer.all_special_tokens, key=len, reverse=True)
+    """Character spans of `text` that hold the assistant turns, each with the end token the template writes."""
+    special_tokens = special_token_strings(processor.tokenizer)
     spans, cursor = [], 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -58,14 +99,16 @@ def assistant_char_spans(processor, messages, text: str) -> list[CharSpan]:
         ):
             start, end = len(before), len(through.rstrip())
         else:
-            # Templates that rewrite earlier turns (dropping reasoning, say) break the prefix property:
-            # find the answer text itself, then take a special token written right after it.
-            answer = "".join(part["text"] for part in message["content"] if part["type"] == "text")
-            start = text.find(answer, cursor)
-            if not answer or start < 0:
+            # Templates that rewrite earlier turns (dropping reasoning, say) break the prefix property: find the
+            # answer text itself inside its own turn (never in the question before it, which may contain the
+            # same words), then take a special token written right after it.
+            answer = message_text(message)
+            low, high = turn_window(text, messages, index, cursor)
+            start = text.rfind(answer, low, high) if answer else -1
+            if start < 0:
                 raise SampleError(
                     f"the chat template does not render assistant turn {index} as a prefix of the whole "
-                    "conversation, and its text was not found in the rendered conversation"
+                    "conversation, and its text was not found inside that turn of the rendered conversation"
                 )
             end = start + len(answer)
             gap = len(text[end:]) - len(text[end:].lstrip())  # templates may put a space before the end token
@@ -78,6 +121,24 @@ def assistant_char_spans(processor, messages, text: str) -> list[CharSpan]:
     return spans
 
 
+def close_turns_with_eos(processor, text: str, spans: list[CharSpan]) -> tuple[str, list[CharSpan]]:
+    """Append the tokenizer's EOS to every assistant span that does not end with a special token, and extend the
+    span over it, so that what the model learns to write after an answer is what generation stops on."""
+    eos = processor.tokenizer.eos_token
+    special_tokens = special_token_strings(processor.tokenizer)
+    if not eos:
+        return text, spans
+    closed, shift = [], 0
+    for span in spans:
+        start, end = span.start + shift, span.end + shift
+        if not any(text[start:end].endswith(token) for token in special_tokens):
+            text = text[:end] + eos + text[end:]
+            end += len(eos)
+            shift += len(eos)
+        closed.append(CharSpan(start, end))
+    return text, closed
+
+
 def token_mask_from_spans(offsets, spans: list[CharSpan]) -> list[bool]:
     """A token is an answer token when its characters overlap an assistant span."""
     return [any(start < span.end and end > span.start for span in spans) for start, end in offsets]
@@ -86,6 +147,28 @@ def token_mask_from_spans(offsets, spans: list[CharSpan]) -> list[bool]:
 def media_token_ids(processor) -> set[int]:
     ids = {getattr(processor, name, None) for name in ("image_token_id", "video_token_id")}
     return {token_id for token_id in ids if token_id is not None}
+
+
+def media_tokens_for(processor, kind: str, width: int, height: int, frames: int = 2) -> int:
+    """How many language-model tokens the processor turns one image (or one `frames`-frame video) of width x height
+    into, measured by running it: the model's own resizing, tiling and caps decide, with no formula here."""
+    from PIL import Image
+
+    frame = Image.new("RGB", (width, height))
+    text = render(processor, [{"role": "user", "content": [{"type": kind}]}])
+    media = {"images": [frame]} if kind == "image" else {"videos": [[frame] * frames]}
+    encoded = processor(text=[text], **media, add_special_tokens=add_special_tokens_for(processor, text))
+    token_id = getattr(processor, f"{kind}_token_id", None)
+    return sum(1 for token in encoded["input_ids"][0] if token == token_id)
+
+
+# A probe larger than every cap the real checkpoints ship (Qwen3-VL: 4096 x 4096 pixels), so that it measures the cap.
+PROBE_SIDE = 4096
+
+
+def image_tokens_at_cap(processor) -> int:
+    """Tokens of the largest image the processor lets through: what memory estimates must assume per image."""
+    return media_tokens_for(processor, "image", PROBE_SIDE, PROBE_SIDE)
 
 
 def expand_mask(plain_ids, plain_mask, expanded_ids, media_ids: set[int]) -> list[bool]:
@@ -121,12 +204,23 @@ def add_special_tokens_for(processor, text: str) -> bool:
     return not (bos is not None and text.startswith(bos))
 
 
+# What to do about a sample whose images take too many tokens, when the recipe knows no better advice (a processor
+# that resizes every image to one size cannot be told to make fewer tokens). Recipes with resolution flags pass theirs.
+FEWER_MEDIA_TOKENS = "use fewer images per sample"
+
+
 def tokenize_conversation(
-    processor, messages, images, max_length: int | None = None, videos=None
+    processor,
+    messages,
+    images,
+    max_length: int | None = None,
+    videos=None,
+    fewer_media_tokens=FEWER_MEDIA_TOKENS,
 ) -> dict[str, torch.Tensor]:
-    """Model inputs for one conversation: per-token tensors are 1-D, per-image tensors keep their shape."""
+    """Model inputs for one conversation: per-token tensors are 1-D, per-image tensors keep their shape.
+    `fewer_media_tokens`: the advice for a sample whose image span max_length would cut."""
     text = render(processor, messages)
-    spans = assistant_char_spans(processor, messages, text)
+    text, spans = close_turns_with_eos(processor, text, assistant_char_spans(processor, messages, text))
     add_special = add_special_tokens_for(processor, text)
     plain = processor.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
     plain_mask = token_mask_from_spans(plain["offset_mapping"], spans)
@@ -142,10 +236,11 @@ def tokenize_conversation(
     if max_length is not None and len(input_ids) > max_length:
         last_media = max((k for k, t in enumerate(input_ids.tolist()) if t in media_ids), default=-1)
         if last_media >= max_length:
+            media_tokens = sum(1 for t in input_ids.tolist() if t in media_ids)
             raise SampleError(
-                f"{len(input_ids)} tokens, and cutting at max_length={max_length} would cut through an image "
-                f"span (its last image token is at position {last_media}); raise max_length, lower the image "
-                "resolution, or shorten the conversation"
+                f"{len(input_ids)} tokens ({media_tokens} of them image or video tokens), and cutting at "
+                f"max_length={max_length} would cut through an image span (its last image token is at position "
+                f"{last_media}); raise max_length, {fewer_media_tokens}, or shorten the conversation"
             )
         sample = {
             key: value[:max_length] if key in PER_TOKEN_KEYS else value for key, value in sample.items()

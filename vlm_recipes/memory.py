@@ -257,18 +257,27 @@ def vision_depth(vision_config) -> int:
     return getattr(vision_config, "num_hidden_layers", None) or getattr(vision_config, "depth", 0)
 
 
-# Qwen's processors resize each image to a pixel budget; the recipes' YAMLs cap it at 802816 pixels = 1024 tokens.
-QWEN_DEFAULT_IMAGE_TOKENS = 1024
+# Towers that take any image size (a pixel budget, as Qwen's processors) have no image_size in their config: the
+# planner then assumes the area the recipes' YAMLs cap images at. A run measures its own processor instead
+# (masking.image_tokens_at_cap) and passes that to the host-RAM check.
+DEFAULT_IMAGE_AREA = 802816
+
+
+def image_tokens_for_area(vision_config, area: int) -> int:
+    """Tokens of an image of `area` pixels for a tower whose processor keeps a pixel budget: one per
+    (patch x merge)^2 pixels, from the config (14 x 2 for Qwen2/2.5-VL, 16 x 2 for Qwen3-VL)."""
+    merge = getattr(vision_config, "spatial_merge_size", None) or 1
+    return area // (vision_config.patch_size * merge) ** 2
 
 
 def image_tokens_for(vision_config, image_size: int | None = None) -> int:
-    """Language-model tokens one square image of side `image_size` becomes (the tower's own size by default; Qwen's
-    towers have none, so the recipes' pixel cap)."""
+    """Language-model tokens one square image of side `image_size` becomes, from the config's patch and merge
+    sizes (the tower's own image size by default; DEFAULT_IMAGE_AREA for towers without one)."""
     if vision_config is None:
         return 0
     image_size = image_size or getattr(vision_config, "image_size", None)
     if not image_size:
-        return QWEN_DEFAULT_IMAGE_TOKENS
+        return image_tokens_for_area(vision_config, DEFAULT_IMAGE_AREA)
     merge = getattr(vision_config, "spatial_merge_size", None) or 1
     return (image_size // vision_config.patch_size) ** 2 // (merge * merge)
 
@@ -385,7 +394,8 @@ def activation_bytes(shape: ModelShape, setup: TrainingSetup) -> dict[str, float
     """Per GPU (per process): the language model's and the vision tower's activations, and the loss's logits."""
     tokens = setup.micro_batch * setup.seq_len
     image_tokens = shape.default_image_tokens if setup.image_tokens is None else setup.image_tokens
-    patches = setup.micro_batch * image_tokens * shape.patches_per_image_token
+    # A sample whose image does not fit in seq_len is refused by the preflight, so no more image tokens than that.
+    patches = setup.micro_batch * min(image_tokens, setup.seq_len) * shape.patches_per_image_token
     language = stack_activation_bytes(
         tokens, shape.num_layers, shape.hidden_size, shape.intermediate_size, shape.kv_width,
         setup.gradient_checkpointing,
@@ -752,8 +762,11 @@ def meminfo_available_bytes() -> float | None:
     return kib * 1024 if kib is not None else None
 
 
-def setup_from_arguments(model_args, data_args, training_args) -> TrainingSetup:
+def setup_from_arguments(
+    model_args, data_args, training_args, image_tokens: int | None = None
+) -> TrainingSetup:
     return TrainingSetup(
+        image_tokens=image_tokens,
         train_vision_tower=not model_args.freeze_vision_tower and not model_args.use_lora,
         train_projector=not model_args.freeze_projector,
         train_language_model=not model_args.freeze_language_model,
@@ -781,9 +794,17 @@ def host_estimate_for_run(ds_path: Path, shape, setup, hardware) -> ConfigEstima
     return estimate(ds_path.stem, shape, setup, hardware, ds_config=json.loads(ds_path.read_text()))
 
 
-def check_host_memory(training_args, model_args, data_args, model_name_or_path: str | None = None) -> None:
+def check_host_memory(
+    training_args,
+    model_args,
+    data_args,
+    model_name_or_path: str | None = None,
+    image_tokens: int | None = None,
+) -> None:
     """Refuse, before any weights load, a DeepSpeed offload config whose host-RAM need on this node exceeds
-    MemAvailable, instead of letting the kernel kill the run later. `--skip_memory_check true` skips it."""
+    MemAvailable, instead of letting the kernel kill the run later. `--skip_memory_check true` skips it.
+    `image_tokens`: per sample, as the run's processor makes them (masking.image_tokens_at_cap); None: the
+    config's default."""
     from vlm_recipes.config import ConfigError
     from vlm_recipes.ds_config import ds_config_in_use
 
@@ -797,7 +818,7 @@ def check_host_memory(training_args, model_args, data_args, model_name_or_path: 
         return
     name, config = load_model_config(model_name_or_path or model_args.model_name_or_path)
     shape = model_shape(name, config)
-    setup = setup_from_arguments(model_args, data_args, training_args)
+    setup = setup_from_arguments(model_args, data_args, training_args, image_tokens)
     hardware = hardware_from_environment(training_args)
     run_estimate = host_estimate_for_run(ds_path, shape, setup, hardware)
     # On a CPU-only run the "GPU" share is host memory too.

@@ -75,6 +75,67 @@ def set_requires_grad(module: torch.nn.Module, requires_grad: bool) -> None:
         parameter.requires_grad_(requires_grad)
 
 
+def has_trainable_parameters(module: torch.nn.Module) -> bool:
+    return any(parameter.requires_grad for parameter in module.parameters())
+
+
+def input_grads_only_where_trained(model: torch.nn.Module) -> None:
+    """Make the model's `enable_input_require_grads` (called by the Trainer when it turns gradient checkpointing on,
+    and by PEFT) hook only the input embeddings of sub-models that have something to train, and leave the others
+    uncheckpointed.
+
+    Reentrant checkpointing computes a checkpointed layer's gradients only if one of its inputs requires grad, so
+    transformers hooks the input embeddings of every sub-model (the language model's token embeddings, and the
+    vision tower's patch embedding too). A frozen vision tower then runs backward through every one of its layers on
+    every step, for gradients nobody uses: compute, memory and, under ZeRO-3, parameter gathers. A sub-model with no
+    trainable parameter needs no gradient at all: nothing upstream of a vision tower trains. Call it after the
+    freezing and LoRA set-up, before the Trainer is built."""
+    from transformers import PreTrainedModel
+
+    def make_output_require_grad(module, inputs, output):
+        output.requires_grad_(True)
+
+    def enable_input_require_grads(self):
+        hooks, seen = [], set()
+        for module in self.modules():
+            if not isinstance(module, PreTrainedModel):
+                continue
+            if not has_trainable_parameters(module):
+                # Nothing of it needs a gradient, so checkpointing it would only warn ("None of the inputs have
+                # requires_grad=True") on every step: its layers run plainly, saving nothing for backward.
+                for layer in module.modules():
+                    if getattr(layer, "gradient_checkpointing", False):
+                        layer.gradient_checkpointing = False
+                continue
+            try:
+                embeddings = module.get_input_embeddings()
+            except (NotImplementedError, AttributeError):
+                continue
+            if (
+                embeddings is None
+                or id(embeddings) in seen
+                or not hasattr(embeddings, "register_forward_hook")
+            ):
+                continue
+            seen.add(id(embeddings))
+            hooks.append(embeddings.register_forward_hook(make_output_require_grad))
+        self._require_grads_hooks = hooks
+        if hooks:
+            self._require_grads_hook = hooks[
+                0
+            ]  # the name transformers' disable_input_require_grads reads too
+
+    hooked = []
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            if getattr(module, "_require_grads_hooks", None):  # hooked already (PEFT does so at wrapping)
+                module.disable_input_require_grads()
+                hooked.append(module)
+            module.enable_input_require_grads = enable_input_require_grads.__get__(module)
+    for module in hooked:
+        module.enable_input_require_grads()
+
+
 def parameter_count(parameter: torch.nn.Parameter) -> int:
     # Under ZeRO-3 a parameter's local tensor is an empty shard; ds_numel is its full size.
     return getattr(parameter, "ds_numel", parameter.numel())

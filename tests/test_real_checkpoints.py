@@ -1,0 +1,302 @@
+"""The recipes on the processor files real checkpoints ship (../shared/real-checkpoints), around tiny random weights
+(scripts/make_tiny_model.py --processor_from: the real vocabulary, special-token ids, patch and merge sizes).
+
+What a user of those checkpoints would see, checked end to end:
+- the card's plain launch (no --config_file, no accelerate default config) trains under the shared ZeRO-3 offload
+  config, and a LLaVA-1.5 fine-tuned on one-word answers answers in one word and then stops (its template writes no
+  end token after an answer; the recipes append and label the EOS);
+- --max_pixels / --video_max_pixels hold on every Qwen layout (top-level min/max_pixels, `size`, 16-px patches);
+- a micro-batch with an image and a video on one rank and images only on the other trains under ZeRO-3;
+- a frozen vision tower runs no backward.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+from tests.conftest import (
+    NUM_PROCESSES,
+    REPO,
+    free_port,
+    launch_recipe,
+    logged_losses,
+    run_command,
+    with_precision,
+)
+from tests.real_checkpoints import real_folder, requires_real
+from vlm_recipes.collator import ConversationCollator
+from vlm_recipes.masking import IGNORE_INDEX, media_tokens_for, tokenize_conversation
+from vlm_recipes.training import input_grads_only_where_trained, set_requires_grad
+
+QWEN_LAYOUTS = ["qwen2-vl-7b-instruct", "qwen2.5-vl-7b-instruct", "qwen3-vl-8b-instruct"]
+
+
+def qwen_recipe():
+    spec = importlib.util.spec_from_file_location("qwen_vl_recipe", REPO / "recipes" / "qwen_vl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def user(text, kind=None):
+    return {"role": "user", "content": ([{"type": kind}] if kind else []) + [{"type": "text", "text": text}]}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+# ---- the tiny models keep what matters of the real checkpoints --------------------------------------------------
+
+
+@requires_real("llava-1.5-7b-hf", *QWEN_LAYOUTS)
+@pytest.mark.parametrize("name", ["llava-1.5-7b-hf", *QWEN_LAYOUTS])
+def test_tiny_model_keeps_the_real_vocabulary_token_ids_and_image_tokens(tiny_real, name):
+    from transformers import AutoConfig
+
+    path = tiny_real(name)
+    real, tiny = AutoConfig.from_pretrained(real_folder(name)), AutoConfig.from_pretrained(path)
+    assert tiny.text_config.vocab_size == real.text_config.vocab_size
+    assert tiny.image_token_id == real.image_token_id and tiny.text_config.hidden_size == 64
+    assert tiny.vision_config.patch_size == real.vision_config.patch_size
+    processor = AutoProcessor.from_pretrained(path)
+    image = Image.new("RGB", (448, 336))
+    sample = tokenize_conversation(processor, [user("What?", "image"), assistant("red")], [image])
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    batch = ConversationCollator(processor)([sample])
+    loss = model(**batch).loss  # the image features and image tokens line up
+    assert torch.isfinite(loss)
+    expected = media_tokens_for(AutoProcessor.from_pretrained(real_folder(name)), "image", 448, 336)
+    assert int((sample["input_ids"] == processor.image_token_id).sum()) == expected
+
+
+# ---- pixel caps: through the recipe's own code, on every real layout ---------------------------------------------
+
+
+# (tokens of a 3000x2000 image as the checkpoint ships, under --max_pixels 802816, per token in pixels)
+PIXEL_CAP_CASES = {
+    "qwen2-vl-7b-instruct": (7597, 1014, 28 * 28),
+    "qwen2.5-vl-7b-instruct": (7597, 1014, 28 * 28),
+    "qwen3-vl-8b-instruct": (5828, 748, 32 * 32),
+}
+
+
+@requires_real(*QWEN_LAYOUTS)
+@pytest.mark.parametrize("name", QWEN_LAYOUTS)
+def test_pixel_caps_hold_on_every_real_layout_for_images_and_videos(name):
+    recipe = qwen_recipe()
+    from vlm_recipes.config import ModelArguments
+
+    model_args = ModelArguments(model_name_or_path=str(real_folder(name)))
+    uncapped, capped, pixels_per_token = PIXEL_CAP_CASES[name]
+    as_shipped = recipe.load_processor(model_args, recipe.QwenImageArguments())
+    assert media_tokens_for(as_shipped, "image", 3000, 2000) == uncapped
+    caps = recipe.QwenImageArguments(max_pixels=802816, video_max_pixels=401408)
+    processor = recipe.load_processor(model_args, caps)
+    assert media_tokens_for(processor, "image", 3000, 2000) == capped <= 802816 // pixels_per_token
+    assert media_tokens_for(processor, "video", 3000, 2000) <= 401408 // pixels_per_token
+    assert media_tokens_for(as_shipped, "video", 3000, 2000) > 401408 // pixels_per_token
+    # the image cap leaves videos alone, and the other way round
+    images_only = recipe.load_processor(model_args, recipe.QwenImageArguments(max_pixels=802816))
+    assert media_tokens_for(images_only, "video", 3000, 2000) == media_tokens_for(
+        as_shipped, "video", 3000, 2000
+    )
+
+
+# ---- mixed media under ZeRO-3 -----------------------------------------------------------------------------------
+
+
+@requires_real("qwen2.5-vl-7b-instruct")
+def test_guard_rows_give_every_batch_each_kind_and_keep_the_loss(tiny_real):
+    path = tiny_real("qwen2.5-vl-7b-instruct")
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    image, frames = Image.new("RGB", (56, 84), "red"), [Image.new("RGB", (56, 56), "blue")] * 2
+    samples = [
+        tokenize_conversation(processor, [user("Colour?", "image"), assistant("red")], [image]),
+        tokenize_conversation(processor, [user("Say left.", None), assistant("left")], []),
+    ]
+    video = tokenize_conversation(processor, [user("What?", "video"), assistant("blue")], [], videos=[frames])
+    both = ConversationCollator(processor, media_kinds=("image", "video"))
+    images_only = ConversationCollator(processor, guard_text_only_batches=False)
+    guarded = both(samples)
+    assert "pixel_values_videos" in guarded and guarded["input_ids"].shape[0] == 3
+    assert (guarded["labels"][2] == IGNORE_INDEX).all()
+    assert both([*samples, video])["input_ids"].shape[0] == 3  # it has both kinds already: no guard row
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**guarded).loss, model(**images_only(samples)).loss, rtol=1e-6, atol=1e-6
+        )
+
+
+def write_mixed_media_data(folder):
+    """Four records in order: [big image, video] for rank 0 and [image, image] for rank 1 (sequential sampling,
+    2 per micro-batch); the big image is 3000x2000, more tokens than max_length unless --max_pixels holds."""
+
+    def picture(size, colour):  # fmt: skip
+        image = Image.new("RGB", size, (128, 128, 128))
+        ImageDraw.Draw(image).ellipse((size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2), fill=colour)
+        return image
+
+    picture((3000, 2000), "red").save(folder / "big.png")
+    for k, colour in enumerate(["blue", "green"]):
+        picture((112, 84), colour).save(folder / f"small{k}.png")
+    for k in range(4):
+        picture((84, 84), (60 * k, 0, 0)).save(folder / f"frame{k}.png")
+
+    def record(key, media, question, answer):  # fmt: skip
+        placeholder = "<image>" if key == "image" else "<video>"
+        return {key: media, "conversations": [{"from": "human", "value": f"{placeholder}\n{question}"},
+                                              {"from": "gpt", "value": answer}]}  # fmt: skip
+
+    records = [
+        record("image", "big.png", "What colour is the circle?", "red"),
+        record("video", [f"frame{k}.png" for k in range(4)], "What happens?", "it gets red"),
+        record("image", "small0.png", "What colour is the circle?", "blue"),
+        record("image", "small1.png", "What colour is the circle?", "green"),
+    ]
+    (folder / "mixed.json").write_text(json.dumps(records))
+    return folder / "mixed.json"
+
+
+@pytest.mark.distributed
+@pytest.mark.gpu_e2e
+@requires_real("qwen2.5-vl-7b-instruct")
+def test_image_and_video_on_one_rank_images_on_the_other_train_under_zero3_with_the_pixel_cap(
+    tiny_real, tmp_path
+):
+    if NUM_PROCESSES < 2:
+        pytest.skip("the ranks' micro-batches differ only with 2+ processes")
+    dataset = write_mixed_media_data(tmp_path)
+    output_dir = tmp_path / "out"
+    result = launch_recipe("qwen_vl.py", [
+        "--config", "recipes/configs/qwen_vl_demo.yaml", "--model_name_or_path", tiny_real("qwen2.5-vl-7b-instruct"),
+        "--dataset_path", dataset, "--image_root", tmp_path, "--output_dir", output_dir,
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+        "--train_sampling_strategy", "sequential", "--logging_steps", "1", "--max_length", "1100",
+        "--max_pixels", "802816",
+    ])  # fmt: skip
+    losses = logged_losses(output_dir)
+    assert sorted(losses) == [1, 2] and all(loss == loss for loss in losses.values())
+    # the 3000x2000 image went in at the cap: under max_length 1100, not the 7,597 tokens of the shipped setting
+    assert "preflight: all 4 records" in result.stdout
+    assert "resizes each into 3,136..802,816 pixels" in result.stdout
+
+
+# ---- the card's plain launch; a LLaVA-1.5 that learns to stop -----------------------------------------------------
+
+ANSWER_WORDS = {"red", "green", "blue", "yellow", "left", "right"}
+
+
+def generated_tokens(model, processor, image, question) -> list[int]:
+    """What plain `generate` writes after the prompt, as a user would call it (greedy, up to 8 tokens)."""
+    messages = [user(question, "image")]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.distributed
+@pytest.mark.gpu_e2e
+@requires_real("llava-1.5-7b-hf")
+def test_plain_launch_uses_the_shared_config_and_llava_learns_to_stop(tiny_real, demo_data, tmp_path):
+    output_dir = tmp_path / "out"
+    empty_home = tmp_path / "hf_home"  # no saved accelerate default config can be found here
+    empty_home.mkdir()
+    # `accelerate launch recipes/llava.py`, as the card says; with several devices accelerate starts one process per
+    # device by itself (--multi_gpu), which on a CPU-only machine is asked for explicitly.
+    command = [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+        *(["--multi_gpu", "--num_processes", NUM_PROCESSES] if NUM_PROCESSES > 1 else []),
+        "--main_process_port", free_port(), REPO / "recipes" / "llava.py", *with_precision([
+            "--config", "recipes/configs/llava_demo.yaml", "--model_name_or_path", tiny_real("llava-1.5-7b-hf"),
+            "--dataset_path", demo_data / "train.json", "--image_root", demo_data, "--output_dir", output_dir,
+            "--max_steps", "40", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
+            "--warmup_steps", "5", "--logging_steps", "10", "--max_length", "700",
+        ]),
+    ]  # fmt: skip
+    previous_home = os.environ.get("HF_HOME")
+    os.environ["HF_HOME"] = str(empty_home)
+    try:
+        result = run_command(command)
+    finally:
+        os.environ.pop("HF_HOME") if previous_home is None else os.environ.update(HF_HOME=previous_home)
+    config = json.loads((output_dir / "ds_config_resolved.json").read_text())
+    zero = config["zero_optimization"]
+    assert (
+        zero["stage"] == 3 and zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == "cpu"
+    )
+    assert config["train_batch_size"] == 4 * NUM_PROCESSES
+    assert "(deepspeed in recipes/configs/llava_demo.yaml)" in result.stderr
+
+    processor = AutoProcessor.from_pretrained(output_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(output_dir).eval()
+    eos = processor.tokenizer.eos_token_id
+    records = json.loads((demo_data / "test.json").read_text())
+    endings = []
+    for record in records:
+        question = record["conversations"][0]["value"].replace("<image>\n", "")
+        with torch.no_grad():
+            tokens = generated_tokens(
+                model, processor, Image.open(demo_data / record["image"]).convert("RGB"), question
+            )
+        endings.append(tokens)
+    # one answer word, then </s>: the model stops where LLaVA's own training taught it to
+    stopped = [
+        tokens for tokens in endings
+        if eos in tokens and processor.tokenizer.decode(tokens[: tokens.index(eos)]).strip() in ANSWER_WORDS
+    ]  # fmt: skip
+    assert len(stopped) == len(endings), [processor.tokenizer.convert_ids_to_tokens(t) for t in endings]
+
+
+# ---- a frozen vision tower runs no backward ----------------------------------------------------------------------
+
+
+def vision_backward_calls(model, tower, batch) -> int:
+    """Backward calls through the tower's Linear layers in one training step with reentrant checkpointing, turned
+    on the Trainer's way (scripts/device/frozen_tower_backward.py measures the same at real size on a GPU)."""
+    spec = importlib.util.spec_from_file_location(
+        "frozen", REPO / "scripts" / "device" / "frozen_tower_backward.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.measure(model, tower, batch, steps=0)["tower_backward_calls_per_step"]
+
+
+@requires_real("llava-1.5-7b-hf", "qwen2.5-vl-7b-instruct")
+@pytest.mark.parametrize("name, tower_path", [("llava-1.5-7b-hf", "model.vision_tower"),
+                                              ("qwen2.5-vl-7b-instruct", "model.visual")])  # fmt: skip
+def test_frozen_vision_tower_runs_no_backward_and_a_trained_one_gets_gradients(tiny_real, name, tower_path):
+    path = tiny_real(name)
+    processor = AutoProcessor.from_pretrained(path)
+    sample = tokenize_conversation(
+        processor, [user("Colour?", "image"), assistant("red")], [Image.new("RGB", (84, 56))]
+    )
+    batch = ConversationCollator(processor)([sample])
+
+    def prepared(train_tower: bool, ours: bool):
+        model = AutoModelForImageTextToText.from_pretrained(path)
+        tower = model.get_submodule(tower_path)
+        set_requires_grad(tower, train_tower)
+        if ours:
+            input_grads_only_where_trained(model)
+        return model, tower
+
+    model, tower = prepared(train_tower=False, ours=False)
+    assert (
+        vision_backward_calls(model, tower, batch) > 0
+    )  # transformers' own hooks: backward through the frozen tower
+    model, tower = prepared(train_tower=False, ours=True)
+    assert vision_backward_calls(model, tower, batch) == 0
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    model, tower = prepared(train_tower=True, ours=True)
+    assert vision_backward_calls(model, tower, batch) > 0
+    first = next(tower.parameters())  # the patch embedding: gradients reach the start of the tower
+    assert first.grad is not None and first.grad.abs().sum() > 0
