@@ -260,7 +260,7 @@ def test_plain_launch_uses_the_shared_config_and_llava_learns_to_stop(tiny_real,
 
 
 def vision_backward_calls(model, tower, batch) -> int:
-    """Backward calls through the tower's Linear layers in one training step with reentrant checkpointing, turned
+    """Backward calls through the tower's frozen Linear layers in one training step with reentrant checkpointing, turned
     on the Trainer's way (scripts/device/frozen_tower_backward.py measures the same at real size on a GPU)."""
     spec = importlib.util.spec_from_file_location(
         "frozen", REPO / "scripts" / "device" / "frozen_tower_backward.py"
@@ -270,10 +270,17 @@ def vision_backward_calls(model, tower, batch) -> int:
     return script.measure(model, tower, batch, steps=0)["tower_backward_calls_per_step"]
 
 
+# (tower, what projects its features into the language model, a Linear layer inside the tower's first block)
+TOWERS = {
+    "llava-1.5-7b-hf": ("model.vision_tower", "model.multi_modal_projector", "encoder.layers.0.self_attn.q_proj"),
+    "qwen2.5-vl-7b-instruct": ("model.visual", "model.visual.merger", "blocks.0.attn.qkv"),
+}  # fmt: skip
+
+
 @requires_real("llava-1.5-7b-hf", "qwen2.5-vl-7b-instruct")
-@pytest.mark.parametrize("name, tower_path", [("llava-1.5-7b-hf", "model.vision_tower"),
-                                              ("qwen2.5-vl-7b-instruct", "model.visual")])  # fmt: skip
-def test_frozen_vision_tower_runs_no_backward_and_a_trained_one_gets_gradients(tiny_real, name, tower_path):
+@pytest.mark.parametrize("name", TOWERS)
+def test_frozen_vision_tower_runs_no_backward_and_what_trains_gets_gradients(tiny_real, name):
+    tower_path, projector_path, block_linear = TOWERS[name]
     path = tiny_real(name)
     processor = AutoProcessor.from_pretrained(path)
     sample = tokenize_conversation(
@@ -281,22 +288,38 @@ def test_frozen_vision_tower_runs_no_backward_and_a_trained_one_gets_gradients(t
     )
     batch = ConversationCollator(processor)([sample])
 
-    def prepared(train_tower: bool, ours: bool):
+    def prepared(ours: bool, train_language_model: bool = True, train_in_tower: str | None = None):
+        """The recipes' freezing: the tower frozen, the projector (Qwen: the merger, inside the tower) trained."""
         model = AutoModelForImageTextToText.from_pretrained(path)
         tower = model.get_submodule(tower_path)
-        set_requires_grad(tower, train_tower)
+        set_requires_grad(tower, False)
+        set_requires_grad(model.get_submodule(projector_path), True)
+        set_requires_grad(model.model.language_model, train_language_model)
+        set_requires_grad(model.lm_head, train_language_model)
+        if (
+            train_in_tower
+        ):  # as LoRA on the vision blocks would: something to train inside a checkpointed block
+            set_requires_grad(tower.get_submodule(train_in_tower), True)
         if ours:
             input_grads_only_where_trained(model)
         return model, tower
 
-    model, tower = prepared(train_tower=False, ours=False)
+    def trained_parameters_got_gradients(model) -> bool:
+        trained = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+        return bool(trained) and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+    model, tower = prepared(ours=False)
     assert (
         vision_backward_calls(model, tower, batch) > 0
     )  # transformers' own hooks: backward through the frozen tower
-    model, tower = prepared(train_tower=False, ours=True)
+    model, tower = prepared(ours=True)
     assert vision_backward_calls(model, tower, batch) == 0
-    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
-    model, tower = prepared(train_tower=True, ours=True)
+    assert trained_parameters_got_gradients(model)  # language model, projector / merger
+    # projector only (LLaVA's stage 1): backward still runs through the frozen language model to the projector
+    model, tower = prepared(ours=True, train_language_model=False)
+    assert vision_backward_calls(model, tower, batch) == 0
+    assert trained_parameters_got_gradients(model)
+    # one Linear of the first vision block trained: the tower's input must carry gradients again
+    model, tower = prepared(ours=True, train_in_tower=block_linear)
     assert vision_backward_calls(model, tower, batch) > 0
-    first = next(tower.parameters())  # the patch embedding: gradients reach the start of the tower
-    assert first.grad is not None and first.grad.abs().sum() > 0
+    assert trained_parameters_got_gradients(model)

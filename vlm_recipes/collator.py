@@ -8,8 +8,6 @@ from PIL import Image
 
 from vlm_recipes.masking import IGNORE_INDEX, PER_TOKEN_KEYS, add_special_tokens_for, render
 
-MEDIA_KINDS = ("image", "video")
-
 
 def blank_media(kind: str) -> dict:
     """The processor arguments for one blank image, or one blank two-frame video (a list of frames)."""

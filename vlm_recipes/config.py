@@ -154,13 +154,19 @@ def auto_backend() -> dict[str, str]:
     return {"ddp_backend": "gloo"} if launched and not torch.cuda.is_available() else {}
 
 
-def split_config_flag(argv: list[str], default_config: Path) -> tuple[Path, list[str]]:
+def pop_flag(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+    """(value of --name, argv without it); None when the flag is absent."""
     for k, arg in enumerate(argv):
-        if arg == "--config" and k + 1 < len(argv):
-            return Path(argv[k + 1]), argv[:k] + argv[k + 2 :]
-        if arg.startswith("--config="):
-            return Path(arg.split("=", 1)[1]), argv[:k] + argv[k + 1 :]
-    return default_config, argv
+        if arg == f"--{name}" and k + 1 < len(argv):
+            return argv[k + 1], argv[:k] + argv[k + 2 :]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1], argv[:k] + argv[k + 1 :]
+    return None, argv
+
+
+def split_config_flag(argv: list[str], default_config: Path) -> tuple[Path, list[str]]:
+    value, rest = pop_flag(argv, "config")
+    return (Path(value) if value is not None else default_config), rest
 
 
 def read_yaml_config(path: Path, argument_classes=ARGUMENT_CLASSES) -> dict:
@@ -182,16 +188,6 @@ def read_yaml_config(path: Path, argument_classes=ARGUMENT_CLASSES) -> dict:
 
 REPO = Path(__file__).resolve().parent.parent
 NO_DEEPSPEED = ("none", "false", "")
-
-
-def pop_flag(argv: list[str], name: str) -> tuple[str | None, list[str]]:
-    """(value of --name, argv without it); None when the flag is absent."""
-    for k, arg in enumerate(argv):
-        if arg == f"--{name}" and k + 1 < len(argv):
-            return argv[k + 1], argv[:k] + argv[k + 2 :]
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1], argv[:k] + argv[k + 1 :]
-    return None, argv
 
 
 def existing_ds_config(value: str, where: str) -> str:

@@ -75,21 +75,41 @@ def set_requires_grad(module: torch.nn.Module, requires_grad: bool) -> None:
         parameter.requires_grad_(requires_grad)
 
 
-def has_trainable_parameters(module: torch.nn.Module) -> bool:
-    return any(parameter.requires_grad for parameter in module.parameters())
+def is_checkpointed_layer(module: torch.nn.Module) -> bool:
+    """A layer gradient checkpointing wraps: transformers' GradientCheckpointingLayer (decoder and vision blocks), or,
+    in older-style code, a container with its own `gradient_checkpointing` switch."""
+    from transformers import PreTrainedModel
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return isinstance(module, GradientCheckpointingLayer) or (
+        hasattr(module, "gradient_checkpointing") and not isinstance(module, PreTrainedModel)
+    )
+
+
+def trains_inside_checkpointed_layers(module: torch.nn.Module) -> bool:
+    return any(
+        parameter.requires_grad
+        for layer in module.modules()
+        if is_checkpointed_layer(layer)
+        for parameter in layer.parameters()
+    )
 
 
 def input_grads_only_where_trained(model: torch.nn.Module) -> None:
     """Make the model's `enable_input_require_grads` (called by the Trainer when it turns gradient checkpointing on,
-    and by PEFT) hook only the input embeddings of sub-models that have something to train, and leave the others
-    uncheckpointed.
+    and by PEFT) hook only the input embeddings of sub-models with trainable parameters inside checkpointed layers.
 
     Reentrant checkpointing computes a checkpointed layer's gradients only if one of its inputs requires grad, so
     transformers hooks the input embeddings of every sub-model (the language model's token embeddings, and the
-    vision tower's patch embedding too). A frozen vision tower then runs backward through every one of its layers on
-    every step, for gradients nobody uses: compute, memory and, under ZeRO-3, parameter gathers. A sub-model with no
-    trainable parameter needs no gradient at all: nothing upstream of a vision tower trains. Call it after the
-    freezing and LoRA set-up, before the Trainer is built."""
+    vision tower's patch embedding too). A frozen vision tower then runs backward through every one of its blocks on
+    every step, for gradients nobody uses: compute, memory and, under ZeRO-3, parameter gathers. The hook is needed
+    only where a checkpointed layer (a decoder or vision block) has something to train, LoRA included. A sub-model
+    whose blocks are all frozen needs none: what trains after them (Qwen's merger, inside its vision tower) gets its
+    gradients from its own parameters; if something before a frozen sub-model trains (a projector before a frozen
+    language model), the sub-model's input requires grad already and backward passes through it as it must; if
+    nothing does (a vision tower reads only pixels), no backward is needed, and its checkpointed blocks run once under
+    no_grad (torch warns once that none of their inputs requires grad). Call it after the freezing and LoRA set-up,
+    before the Trainer is built."""
     from transformers import PreTrainedModel
 
     def make_output_require_grad(module, inputs, output):
@@ -98,14 +118,7 @@ def input_grads_only_where_trained(model: torch.nn.Module) -> None:
     def enable_input_require_grads(self):
         hooks, seen = [], set()
         for module in self.modules():
-            if not isinstance(module, PreTrainedModel):
-                continue
-            if not has_trainable_parameters(module):
-                # Nothing of it needs a gradient, so checkpointing it would only warn ("None of the inputs have
-                # requires_grad=True") on every step: its layers run plainly, saving nothing for backward.
-                for layer in module.modules():
-                    if getattr(layer, "gradient_checkpointing", False):
-                        layer.gradient_checkpointing = False
+            if not (isinstance(module, PreTrainedModel) and trains_inside_checkpointed_layers(module)):
                 continue
             try:
                 embeddings = module.get_input_embeddings()

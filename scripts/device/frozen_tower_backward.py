@@ -1,7 +1,8 @@
 """What a frozen vision tower costs when backward runs through it: one training step (forward + backward, gradient
 checkpointing with reentrant recomputation, as the recipes' YAMLs set it) with transformers' own input-gradient hooks
 (every sub-model's input embeddings, the frozen tower's too) against `input_grads_only_where_trained` (only the
-sub-models that train). Prints step time, peak GPU memory and the backward calls through the tower's Linear layers.
+sub-models whose checkpointed blocks train). Prints step time, peak GPU memory and the backward calls through the
+tower's frozen Linear layers.
 
     python scripts/device/frozen_tower_backward.py --model qwen2.5-vl-3b                  # real size, on a GPU
     python scripts/device/frozen_tower_backward.py --model llava-1.5-7b --micro_batch 4 --seq_len 1024
@@ -61,12 +62,13 @@ def make_batch(processor, image_size: int, micro_batch: int, seq_len: int, devic
 
 def measure(model, tower, batch, steps: int, device: str = "cpu") -> dict:
     """One warm-up step and `steps` timed ones (forward + backward, no optimizer step; the gradients of the last
-    are left in place), with gradient checkpointing turned on the Trainer's way, then off again."""
+    are left in place), with gradient checkpointing turned on the Trainer's way, then off again. Counts the backward
+    calls through the tower's frozen Linear layers."""
     calls = []
     handles = [
         module.register_full_backward_hook(lambda *args: calls.append(1))
         for module in tower.modules()
-        if isinstance(module, torch.nn.Linear)
+        if isinstance(module, torch.nn.Linear) and not any(p.requires_grad for p in module.parameters())
     ]
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -109,8 +111,12 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     known, processor, model = build(args.model, args.tiny, device)
+    # As the recipes' default configs: the tower frozen, its projection into the language model trained (Qwen's
+    # merger sits inside its vision tower; LLaVA's projector is a module of its own, trained already).
     tower = model.model.visual if hasattr(model.model, "visual") else model.model.vision_tower
     set_requires_grad(tower, False)
+    if hasattr(tower, "merger"):
+        set_requires_grad(tower.merger, True)
     batch = make_batch(processor, known.image_size, args.micro_batch, args.seq_len, device, model.dtype)
     rows = {"transformers_hooks": measure(model, tower, batch, args.steps, device)}
     model.disable_input_require_grads()
