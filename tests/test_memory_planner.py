@@ -380,7 +380,7 @@ LORA = ["--use_lora", "true", "--freeze_language_model", "true", "--lora_r", "16
 MEASURED_CASES = {  # accelerate config, planner mode, micro-batch, recipe arguments
     "zero3_offload, full, micro-batch 2": ("zero3_offload", "full", 2, []),
     "zero2, full, micro-batch 2": ("zero2", "full", 2, []),
-    "zero3_offload, LoRA r=16, micro-batch 4": ("zero3_offload", "lora", 4, LORA),
+    "zero3_offload, LoRA r=16, micro-batch 2": ("zero3_offload", "lora", 2, LORA),
 }
 
 

@@ -1,7 +1,7 @@
 """The Qwen-VL recipe: label masks on the real Qwen chat layout, end-to-end 2-process ZeRO-3 offload runs of
-tiny Qwen2-VL and Qwen3-VL around their real checkpoints' processor files and of a tiny Qwen2.5-VL around our own
-(loss falls, saved model equals the trained weights), LoRA, pixel caps through the recipe's code, and the mixed
-text-only / image batch guard. The tiny Qwen2.5-VL run also runs on CUDA in bf16 and fp16
+tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL (loss falls, saved model equals the trained weights), LoRA, pixel caps
+through the recipe's code, and the mixed text-only / image batch guard. tests/test_real_checkpoints.py runs the
+recipe on the real checkpoints' processor files. The tiny Qwen2.5-VL run also runs on CUDA in bf16 and fp16
 (`make test-gpu`, marked gpu_e2e)."""
 
 import importlib.util
@@ -27,12 +27,10 @@ from tests.conftest import (
     recipe_command,
     requires_processes,
 )
-from tests.real_checkpoints import real_folder
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.masking import IGNORE_INDEX, tokenize_conversation
 
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
-REAL_PROCESSORS = {"qwen2-vl": "qwen2-vl-7b-instruct", "qwen3-vl": "qwen3-vl-8b-instruct"}
 
 
 def user(text, images=0):
@@ -160,13 +158,10 @@ def recipe_args(model_dir, demo_data, output_dir, *extra):
         for family in FAMILIES
     ],
 )
-def test_full_finetune_two_processes(tiny_model, tiny_real, demo_data, tmp_path, family):
-    # Qwen2-VL and Qwen3-VL train around their real checkpoints' processor files (real vocabulary, token ids,
-    # preprocessor layouts); Qwen2.5-VL around our own, whose tokenizer and pixel caps differ from the real ones.
-    real = REAL_PROCESSORS.get(family)
-    if real and not real_folder(real).is_dir():
-        pytest.skip(f"needs the real checkpoints' processor files {real_folder(real)}")
-    model_dir, output_dir = (tiny_real(real) if real else tiny_model(family)), tmp_path / family
+def test_full_finetune_two_processes(tiny_model, demo_data, tmp_path, family):
+    # Our own tiny processors, whose tokenizer and pixel caps differ from the real ones on purpose; the real
+    # checkpoints' files are trained on in tests/test_real_checkpoints.py.
+    model_dir, output_dir = tiny_model(family), tmp_path / family
     args = recipe_args(
         model_dir, demo_data, output_dir,
         "--max_steps", "24", "--per_device_train_batch_size", "4", "--learning_rate", "2e-3", "--warmup_steps", "2",
