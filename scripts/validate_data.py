@@ -49,9 +49,14 @@ def main() -> None:
         records = load_records(
             args.dataset_path, args.image_root, args.dataset_split, args.allow_images_outside_root
         )
-        # Qwen's image processors take the pixel caps as their size (both, as the recipe's YAMLs give them).
+        # Qwen's image processors take the pixel caps as their size, and Qwen2/2.5-VL checkpoints' top-level
+        # min_pixels / max_pixels override `size`: give both, as recipes/qwen_vl.py does.
         caps = (
-            {"size": {"shortest_edge": args.min_pixels, "longest_edge": args.max_pixels}}
+            {
+                "size": {"shortest_edge": args.min_pixels, "longest_edge": args.max_pixels},
+                "min_pixels": args.min_pixels,
+                "max_pixels": args.max_pixels,
+            }
             if args.max_pixels
             else {}
         )
