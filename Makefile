@@ -49,7 +49,7 @@ demo: $(INSTALLED)  ## tiny model + demo data, trained with the real launcher an
 train: $(INSTALLED)  ## fine-tune: make train MODEL=llava|qwen-vl|chexagent [CONFIG=...] [ARGS="..."]
 	$(LAUNCH) $(RECIPE) $(if $(CONFIG),--config $(CONFIG)) $(NO_DEEPSPEED) $(ARGS)
 
-test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 10 minutes on 2 cores)
+test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 30 minutes on 2 cores without AVX-512)
 	$(PYTHON) -m pytest
 
 test-gpu: $(INSTALLED)  ## on CUDA: the tiny end-to-end tests in bf16 then fp16, one process per GPU; results in runs/test-gpu/ [ARGS="-k llava"]
