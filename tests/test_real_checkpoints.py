@@ -12,7 +12,6 @@ What a user of those checkpoints would see, checked end to end:
 
 import importlib.util
 import json
-import os
 import sys
 
 import pytest
@@ -206,7 +205,9 @@ def generated_tokens(model, processor, image, question) -> list[int]:
 @pytest.mark.distributed
 @pytest.mark.gpu_e2e
 @requires_real("llava-1.5-7b-hf")
-def test_plain_launch_uses_the_shared_config_and_llava_learns_to_stop(tiny_real, demo_data, tmp_path):
+def test_plain_launch_uses_the_shared_config_and_llava_learns_to_stop(
+    tiny_real, demo_data, tmp_path, monkeypatch
+):
     output_dir = tmp_path / "out"
     empty_home = tmp_path / "hf_home"  # no saved accelerate default config can be found here
     empty_home.mkdir()
@@ -222,12 +223,8 @@ def test_plain_launch_uses_the_shared_config_and_llava_learns_to_stop(tiny_real,
             "--warmup_steps", "5", "--logging_steps", "10", "--max_length", "700",
         ]),
     ]  # fmt: skip
-    previous_home = os.environ.get("HF_HOME")
-    os.environ["HF_HOME"] = str(empty_home)
-    try:
-        result = run_command(command)
-    finally:
-        os.environ.pop("HF_HOME") if previous_home is None else os.environ.update(HF_HOME=previous_home)
+    monkeypatch.setenv("HF_HOME", str(empty_home))  # run_command passes the environment to the launch
+    result = run_command(command)
     config = json.loads((output_dir / "ds_config_resolved.json").read_text())
     zero = config["zero_optimization"]
     assert (
