@@ -29,10 +29,10 @@ else
 INSTALLED :=
 endif
 
-.PHONY: help install demo train test test-gpu multi-gpu lint format clean wheelhouse benchmark
+.PHONY: help install demo train test test-extended test-gpu multi-gpu lint format clean wheelhouse benchmark
 
 help:  ## list the commands
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 install: $(INSTALLED)  ## create .venv and install requirements (+ this repo's package) and the dev tools
 
@@ -40,6 +40,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install -r requirements-dev.txt
+	$(PYTHON) scripts/build_deepspeed_ops.py
 	touch $@
 
 demo: $(INSTALLED)  ## tiny model + demo data, trained with the real launcher and ZeRO-3 offload config
@@ -51,6 +52,9 @@ train: $(INSTALLED)  ## fine-tune: make train MODEL=llava|qwen-vl|chexagent [CON
 
 test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 30 minutes on 2 cores without AVX-512)
 	$(PYTHON) -m pytest
+
+test-extended: $(INSTALLED)  ## the cases left out of `make test`: other ZeRO variants and model families of its runs
+	$(PYTHON) -m pytest -m extended
 
 test-gpu: $(INSTALLED)  ## on CUDA: the tiny end-to-end tests in bf16 then fp16, one process per GPU; results in runs/test-gpu/ [ARGS="-k llava"]
 	PYTHON=$(PYTHON) NUM_PROCESSES=$(NUM_PROCESSES) bash scripts/test_gpu.sh $(ARGS)

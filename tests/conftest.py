@@ -14,6 +14,7 @@ Where the end-to-end tests run is set by two environment variables; unset, they 
 import json
 import os
 import re
+import runpy
 import signal
 import socket
 import subprocess
@@ -123,6 +124,19 @@ def launch_recipe(recipe: str, args: list, num_processes: int | None = None, che
     return run_command(command, timeout=timeout, check=check)
 
 
+def run_script_here(script: str, args: list) -> None:
+    """`python scripts/<script> ARGS`, run in this process: the same code without importing torch and transformers
+    again (about 8 s a script on CI's machine). For the scripts that build fixtures; the torch RNG of the tests is
+    left as it was."""
+    argv = sys.argv
+    sys.argv = [f"scripts/{script}", *map(str, args)]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            runpy.run_path(str(REPO / "scripts" / script), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model("qwen2.5-vl") -> the folder of that family's tiny model, built once per session."""
@@ -131,9 +145,7 @@ def tiny_model(tmp_path_factory):
     def build(family: str) -> Path:
         if family not in built:
             path = tmp_path_factory.mktemp("models") / f"tiny-{family}"
-            run_command(
-                [sys.executable, "scripts/make_tiny_model.py", "--family", family, "--output_dir", path]
-            )
+            run_script_here("make_tiny_model.py", ["--family", family, "--output_dir", path])
             built[family] = path
         return built[family]
 
@@ -151,8 +163,9 @@ def tiny_real(tmp_path_factory):
     def build(name: str) -> Path:
         if name not in built:
             path = tmp_path_factory.mktemp("real") / name
-            run_command([sys.executable, "scripts/make_tiny_model.py", "--processor_from", real_folder(name),
-                         "--output_dir", path])  # fmt: skip
+            run_script_here(
+                "make_tiny_model.py", ["--processor_from", real_folder(name), "--output_dir", path]
+            )
             built[name] = path
         return built[name]
 
@@ -167,18 +180,7 @@ def tiny_llava(tiny_model) -> Path:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data")
-    run_command(
-        [
-            sys.executable,
-            "scripts/make_demo_data.py",
-            "--output_dir",
-            path,
-            "--num_train",
-            "96",
-            "--num_test",
-            "16",
-        ]
-    )
+    run_script_here("make_demo_data.py", ["--output_dir", path, "--num_train", "96", "--num_test", "16"])
     return path
 
 

@@ -93,8 +93,8 @@ def test_no_file_the_run_writes_holds_the_hub_token(full_run):
 
 
 @pytest.mark.gpu_e2e
-@requires_processes(2, "test_resolved_deepspeed_config_one_process checks a one-process run")
-def test_resolved_deepspeed_config_two_processes(full_run):
+def test_resolved_deepspeed_config_matches_the_arguments(full_run):
+    # (a one-process run's: tests/test_multi_process.py, whose first run is one process)
     output_dir, _, result = full_run
     config = json.loads((output_dir / "ds_config_resolved.json").read_text())
     assert_resolved_like_arguments(
@@ -176,19 +176,6 @@ def test_finished_output_dir_is_not_overwritten(full_run):
         "already holds a finished model" in result.stderr and "--overwrite_output_dir true" in result.stderr
     )
     assert (output_dir / "model.safetensors").stat().st_mtime_ns == before
-
-
-@pytest.mark.gpu_e2e
-def test_resolved_deepspeed_config_one_process(tiny_llava, demo_data, tmp_path):
-    output_dir = tmp_path / "one"
-    args = recipe_args(
-        tiny_llava, demo_data, output_dir,
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "3",
-        "--learning_rate", "1e-3",
-    )  # fmt: skip
-    launch_recipe("llava.py", args, num_processes=1)
-    config = json.loads((output_dir / "ds_config_resolved.json").read_text())
-    assert_resolved_like_arguments(config, world_size=1, micro=2, accumulation=3, learning_rate=1e-3)
 
 
 @pytest.mark.gpu_e2e

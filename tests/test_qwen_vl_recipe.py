@@ -150,13 +150,14 @@ def recipe_args(model_dir, demo_data, output_dir, *extra):
     ]  # fmt: skip
 
 
+FULL_FINETUNE_MARKS = {"qwen2.5-vl": pytest.mark.gpu_e2e, "qwen2-vl": pytest.mark.extended}
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "family",
-    [
-        pytest.param(family, marks=pytest.mark.gpu_e2e) if family == "qwen2.5-vl" else family
-        for family in FAMILIES
-    ],
+    # Qwen2-VL's vision tower is Qwen2.5-VL's without window attention: its run is in `make test-extended`.
+    [pytest.param(family, marks=FULL_FINETUNE_MARKS.get(family, ())) for family in FAMILIES],
 )
 def test_full_finetune_two_processes(tiny_model, demo_data, tmp_path, family):
     # Our own tiny processors, whose tokenizer and pixel caps differ from the real ones on purpose; the real

@@ -219,8 +219,8 @@ def test_plain_launch_uses_the_shared_config_and_llava_learns_to_stop(
         "--main_process_port", free_port(), REPO / "recipes" / "llava.py", *with_precision([
             "--config", "recipes/configs/llava_demo.yaml", "--model_name_or_path", tiny_real("llava-1.5-7b-hf"),
             "--dataset_path", demo_data / "train.json", "--image_root", demo_data, "--output_dir", output_dir,
-            "--max_steps", "40", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
-            "--warmup_steps", "5", "--logging_steps", "10", "--max_length", "700",
+            "--max_steps", "24", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
+            "--warmup_steps", "3", "--logging_steps", "4", "--max_length", "700",
         ]),
     ]  # fmt: skip
     monkeypatch.setenv("HF_HOME", str(empty_home))  # run_command passes the environment to the launch

@@ -187,16 +187,18 @@ def check_deepspeed_config(training_args, model_name_or_path: str) -> None:
             "training_args.bin in every checkpoint, and the run writes it to ds_config_resolved.json. Delete "
             "them and set them in the environment instead (DeepSpeed's comet monitor reads COMET_API_KEY)."
         )
+    problems = []  # every contradiction at once, so that one edit of the file fixes them all
     if "scheduler" in config and training_args.allow_deepspeed_scheduler:
         logger.warning(
             f"{path}: its {config['scheduler'].get('type')} scheduler replaces --lr_scheduler_type "
             "(--allow_deepspeed_scheduler true)"
         )
     elif "scheduler" in config:
-        raise ConfigError(
-            f"{path} has a scheduler block ({config['scheduler'].get('type')}), which would silently replace "
-            f"--lr_scheduler_type {getattr(training_args.lr_scheduler_type, 'value', training_args.lr_scheduler_type)}. Delete the block: the Trainer then builds the "
-            "scheduler your arguments name, and DeepSpeed steps it."
+        scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+        problems.append(
+            f"it has a scheduler block ({config['scheduler'].get('type')}), which would silently replace "
+            f"--lr_scheduler_type {scheduler}. Delete the block: the Trainer then builds the scheduler your "
+            "arguments name, and DeepSpeed steps it."
         )
     model_config = AutoConfig.from_pretrained(model_name_or_path)
     try:
@@ -204,7 +206,9 @@ def check_deepspeed_config(training_args, model_name_or_path: str) -> None:
             path, training_args, model_config, training_args.world_size, max(training_args.max_steps, 1)
         )
     except ValueError as error:
-        raise ConfigError(
-            f'{path} contradicts the arguments:\n{error}\nSet those keys to "auto" (they are then filled from '
-            "the arguments) or change the arguments to match."
-        ) from None
+        problems.append(
+            f'it contradicts the arguments:\n{error}\nSet those keys to "auto" (they are then filled from the '
+            "arguments) or change the arguments to match."
+        )
+    if problems:
+        raise ConfigError(f"{path}:\n" + "\n".join(f"- {problem}" for problem in problems))
