@@ -51,7 +51,7 @@ train: $(INSTALLED)  ## fine-tune: make train MODEL=llava|qwen-vl|chexagent [CON
 	$(LAUNCH) $(RECIPE) $(if $(CONFIG),--config $(CONFIG)) $(NO_DEEPSPEED) $(ARGS)
 
 test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 30 minutes on 2 cores without AVX-512)
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest --durations=25
 
 test-extended: $(INSTALLED)  ## the cases left out of `make test`: other ZeRO variants and model families of its runs
 	$(PYTHON) -m pytest -m extended

@@ -34,6 +34,7 @@ from vlm_recipes.memory import check_host_memory
 from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
+    CheckpointCompleteCallback,
     ResolvedDeepSpeedConfigCallback,
     finish_run,
     input_grads_only_where_trained,
@@ -157,7 +158,7 @@ def main():
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[ResolvedDeepSpeedConfigCallback(), RunStatsCallback()],
+        callbacks=[ResolvedDeepSpeedConfigCallback(), RunStatsCallback(), CheckpointCompleteCallback()],
     )
 
     # ---- train --------------------------------------------------------------------------------------------------

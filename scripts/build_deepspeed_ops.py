@@ -19,6 +19,14 @@ CPU_ONLY_OPS = ["ShareMemCommBuilder"]
 def main() -> int:
     from deepspeed.accelerator import get_accelerator
 
+    from vlm_recipes.ds_config import arch_list_deepspeed_can_parse
+
+    # the same TORCH_CUDA_ARCH_LIST the recipes compile with ("9.0a" -> "9.0"), so that their runs reuse these builds
+    if plain := arch_list_deepspeed_can_parse():
+        print(
+            f"TORCH_CUDA_ARCH_LIST={plain} (DeepSpeed 0.19.8 cannot parse architecture variants)", flush=True
+        )
+
     accelerator = get_accelerator()
     names = OPS + (CPU_ONLY_OPS if accelerator.device_name() == "cpu" else [])
     for name in names:

@@ -124,6 +124,23 @@ def launch_recipe(recipe: str, args: list, num_processes: int | None = None, che
     return run_command(command, timeout=timeout, check=check)
 
 
+class _Touch:
+    """Unpickling this creates a file: a pickle whose loading can be seen."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def pickle_that_touches(path) -> bytes:
+    """The bytes of a pickle that, if loaded, creates `path`: a refusal must come before any loading."""
+    import pickle
+
+    return pickle.dumps(_Touch(path))
+
+
 def run_script_here(script: str, args: list) -> None:
     """`python scripts/<script> ARGS`, run in this process: the same code without importing torch and transformers
     again (about 8 s a script on CI's machine). For the scripts that build fixtures; the torch RNG of the tests is
@@ -175,6 +192,34 @@ def tiny_real(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llava(tiny_model) -> Path:
     return tiny_model("llava")
+
+
+HUB_TOKEN = "hf_SECRETdoNotWriteMe0123456789"  # never used: push_to_hub is off, so nothing goes online
+
+
+def llava_recipe_args(tiny_llava, demo_data, output_dir, *extra) -> list:
+    return [
+        "--config", "recipes/configs/llava_demo.yaml", "--model_name_or_path", tiny_llava,
+        "--dataset_path", demo_data / "train.json", "--image_root", demo_data, "--output_dir", output_dir,
+        "--overwrite_output_dir", "false", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def llava_zero3_run(tiny_llava, demo_data, tmp_path_factory):
+    """(output_dir, args, result) of the tiny LLaVA trained 30 steps under the shared ZeRO-3 offload config,
+    checkpoints at 15 and 30. One run serves the recipe's tests (tests/test_llava_recipe.py) and the after-training
+    scripts' (tests/test_after_training.py): each launch costs about 20 s of start-up on CI's machine."""
+    output_dir = tmp_path_factory.mktemp("llava") / "full"
+    args = llava_recipe_args(
+        tiny_llava, demo_data, output_dir,
+        "--max_steps", "30", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--learning_rate", "2e-3", "--logging_steps", "5", "--save_strategy", "steps", "--save_steps", "15",
+        "--hub_token", HUB_TOKEN, "--report_to", "tensorboard",  # what could leak the token, written
+        "--include_num_input_tokens_seen", "true",  # so that the training plot has a throughput curve
+    )  # fmt: skip
+    result = launch_recipe("llava.py", args)
+    return output_dir, args, result
 
 
 @pytest.fixture(scope="session")
@@ -245,10 +290,33 @@ def assert_saved_equals_trained(model_class, output_dir, checkpoint: str, initia
     output_dir = Path(output_dir)
     weight_bytes = (output_dir / "model.safetensors").stat().st_size
     assert weight_bytes > 500_000 * TRAINING_DTYPE.itemsize // 4  # full weights, not a ZeRO stub
-    reloaded = model_class.from_pretrained(output_dir).state_dict()
+    reloaded = reload_complete(model_class, output_dir)
     trained = get_fp32_state_dict_from_zero_checkpoint(str(output_dir / checkpoint))
     assert trained and set(trained) <= set(reloaded)
     for name, tensor in trained.items():
         assert_equal_in_training_precision(reloaded[name], tensor, name)
+    return changed_from(model_class, initial_dir, reloaded)
+
+
+def reload_complete(model_class, folder) -> dict:
+    """The state dict of the model saved in `folder`, which must hold every tensor the class expects: a missing
+    tensor only warns in from_pretrained, and is then randomly initialised."""
+    model, info = model_class.from_pretrained(folder, output_loading_info=True)
+    problems = {
+        kind: names
+        for kind, names in info.items()
+        if kind in ("missing_keys", "unexpected_keys", "mismatched_keys") and names
+    }
+    assert not problems, problems
+    return model.state_dict()
+
+
+def changed_from(model_class, initial_dir, reloaded: dict) -> set[str]:
     initial = model_class.from_pretrained(initial_dir).state_dict()
     return {name for name in initial if not equal_in_training_precision(initial[name], reloaded[name])}
+
+
+def assert_saved_is_complete_and_moved(model_class, output_dir, initial_dir) -> set[str]:
+    """For runs without DeepSpeed shards to compare with: the saved model reloads with every tensor; returns the
+    names of the tensors that differ from the initial model's."""
+    return changed_from(model_class, initial_dir, reload_complete(model_class, output_dir))

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from tests.conftest import REPO, assert_equal_in_training_precision, launch_recipe, run_command
+from tests.conftest import REPO, assert_equal_in_training_precision, run_command
 from vlm_recipes.inference import load_for_inference, user_turn
 from vlm_recipes.masking import add_special_tokens_for, render
 
@@ -149,26 +149,16 @@ def test_merge_lora_refuses_a_folder_without_adapter(tiny_llava, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tiny_llava, demo_data, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("zero3") / "run"
-    launch_recipe(
-        "llava.py",
-        [
-            "--config", "recipes/configs/llava_demo.yaml", "--model_name_or_path", tiny_llava,
-            "--dataset_path", demo_data / "train.json", "--image_root", demo_data, "--output_dir", output_dir,
-            "--overwrite_output_dir", "false", "--max_steps", "10", "--per_device_train_batch_size", "4",
-            "--logging_steps", "2", "--save_strategy", "steps", "--save_steps", "10",
-            "--include_num_input_tokens_seen", "true",  # so that the plot has a throughput curve
-        ],
-    )  # fmt: skip
-    return output_dir
+def zero3_run(llava_zero3_run):
+    """The output_dir of the tiny LLaVA's shared ZeRO-3 offload run (tests/conftest.py): checkpoints 15 and 30."""
+    return llava_zero3_run[0]
 
 
 @pytest.mark.distributed
 def test_zero_to_hf_converts_a_shard_only_checkpoint(zero3_run, tmp_path):
-    checkpoint = zero3_run / "checkpoint-10"
+    checkpoint = zero3_run / "checkpoint-30"
     # As a checkpoint written with 16-bit gathering off: DeepSpeed's shards, config and processor, no weights.
-    shards_only = tmp_path / "checkpoint-10"
+    shards_only = tmp_path / "checkpoint-30"
     shutil.copytree(checkpoint, shards_only, ignore=shutil.ignore_patterns("model.safetensors"))
     with pytest.raises(FileNotFoundError, match="ZeRO shards only: python scripts/zero_to_hf.py"):
         load_for_inference(str(shards_only), device="cpu")
@@ -194,11 +184,12 @@ def test_zero_to_hf_converts_a_shard_only_checkpoint(zero3_run, tmp_path):
 def test_zero_to_hf_explains_a_folder_without_shards(zero3_run):
     zero_to_hf = load_script("zero_to_hf")
     with pytest.raises(
-        zero_to_hf.ConversionError, match="no global_step.*pass one of its checkpoints \\(checkpoint-10\\)"
+        zero_to_hf.ConversionError,
+        match="no global_step.*pass one of its checkpoints \\(checkpoint-15, checkpoint-30\\)",
     ):
         zero_to_hf.find_tag(zero3_run, None)  # the output_dir, whose final save was gathered
-    with pytest.raises(zero_to_hf.ConversionError, match="global_step99 does not exist.*global_step10"):
-        zero_to_hf.find_tag(zero3_run / "checkpoint-10", "global_step99")
+    with pytest.raises(zero_to_hf.ConversionError, match="global_step99 does not exist.*global_step30"):
+        zero_to_hf.find_tag(zero3_run / "checkpoint-30", "global_step99")
 
 
 @pytest.mark.distributed

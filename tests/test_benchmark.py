@@ -17,25 +17,45 @@ sys.path.insert(0, str(REPO / "scripts"))
 from benchmark import error_summary, scaling_table, tiny_config  # noqa: E402
 
 
-def test_packed_vision_attention_matches_sdpa_window_by_window():
-    """On CPU the packed path falls back to windows; outputs and gradients equal transformers' sdpa path."""
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=[pytest.mark.gpu_e2e, pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="the packed kernel runs on CUDA only (make test-gpu)")]),
+    ],
+)  # fmt: skip
+def test_packed_vision_attention_matches_sdpa_window_by_window(device, monkeypatch):
+    """On CPU the packed path falls back to windows (fp32, exact); on CUDA, in bf16, the packed kernel itself runs
+    (counted) and matches transformers' sdpa path to bf16 rounding, outputs and gradients."""
     config = tiny_config(KNOWN_MODELS["qwen2.5-vl-3b"].config(), "qwen_vl")
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa").to(device, dtype)
     packed = copy.deepcopy(model)
     use_packed_vision_attention(packed, packed.config.vision_config)
     assert packed.model.visual.config._attn_implementation == VARLEN_ATTENTION
     assert packed.config.text_config._attn_implementation == "sdpa"
-    grid = torch.tensor([[1, 32, 32], [1, 16, 24]])  # two images, the second with edge windows of other sizes
-    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
+    kernel_calls = []
+    if device == "cuda":
+        import torch.nn.attention.varlen as varlen
+
+        kernel = varlen.varlen_attn
+        monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k))
+    grid = torch.tensor(
+        [[1, 32, 32], [1, 16, 24]], device=device
+    )  # two images, the second with odd edge windows
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, device=device, dtype=dtype)
     results = []
     for tower in (model.model.visual, packed.model.visual):
         x = pixels.clone().requires_grad_(True)
         out = tower(x, grid_thw=grid).pooler_output
-        out.square().mean().backward()
-        results.append((out.detach(), x.grad))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    torch.testing.assert_close(results[0][1], results[1][1])
+        out.float().square().mean().backward()
+        results.append((out.detach().float(), x.grad.float()))
+    tolerance = {} if device == "cpu" else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(results[0][0], results[1][0], **tolerance)
+    torch.testing.assert_close(results[0][1], results[1][1], **tolerance)
+    assert bool(kernel_calls) == (device == "cuda")
 
 
 def test_failed_run_is_summarised_by_its_cause():
@@ -48,6 +68,7 @@ def test_failed_run_is_summarised_by_its_cause():
     assert error_summary("", "timeout after 240 s") == "timeout after 240 s"
 
 
+@pytest.mark.extended  # a launch of the recipe as `make benchmark` runs it on a GPU: in `make test-extended`
 def test_benchmark_runs_the_recipe_on_two_processes_and_writes_a_result_line(tmp_path):
     results = tmp_path / "results.jsonl"
     run_command(

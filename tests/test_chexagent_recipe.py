@@ -8,7 +8,9 @@ stages also run on CUDA in bf16 and fp16 (`make test-gpu`, marked gpu_e2e)."""
 import importlib.util
 import json
 import re
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from tests.conftest import (
     assert_saved_equals_trained,
     launch_recipe,
     logged_losses,
+    pickle_that_touches,
     run_command,
 )
 from vlm_recipes.config import ConfigError
@@ -123,13 +126,14 @@ def test_bad_chexinstruct_records_are_reported_with_file_and_record(tmp_path, im
 @pytest.mark.parametrize("name", ["data_chexinstruct.pkl", "data_chexinstruct.json"])
 def test_pickle_is_refused_with_the_reason_and_the_fix(tmp_path, name):
     # The CheXinstruct compile script writes a pickle named .json: refused by its first bytes, not its name.
-    path = tmp_path / name
-    path.write_bytes(b"\x80\x04N.")  # a pickle of None; never loaded
+    path, ran = tmp_path / name, tmp_path / "the pickle ran"
+    path.write_bytes(pickle_that_touches(ran))
     with pytest.raises(
         DataError,
         match="pickle files are refused, since loading one runs arbitrary code; save the records as JSONL",
     ):
         load_records(str(path))
+    assert not ran.exists()  # refused before loading, not after
 
 
 # ---- prompt format, labels, 16-bit X-rays ----------------------------------------------------------------
@@ -282,24 +286,61 @@ def test_stage2_from_stage1_trains_projector_and_language_model(stage1, stage2):
     assert not any("vision_tower" in name for name in changed)
 
 
-@pytest.mark.distributed
-@pytest.mark.gpu_e2e
-def test_final_model_answers_held_out_studies_better_than_the_untrained_one(stage2, tiny_model, xray_data):
-    def accuracy(model_dir, name):
+def blank_copy(data_dir: Path, to: Path) -> Path:
+    """The same records with every image replaced by a flat one of its size, mode and mean: nothing to read."""
+    shutil.copytree(data_dir, to)
+    for path in to.rglob("*.png"):
+        with Image.open(path) as image:
+            mean = float(np.asarray(image, dtype=np.float64).mean())
+            blank = Image.new(image.mode, image.size, int(round(mean)))
+        blank.save(path)
+    return to
+
+
+@pytest.fixture(scope="module")
+def held_out_accuracy(stage2, tiny_model, xray_data, tmp_path_factory):
+    """Exact-match accuracy on the held-out studies: untrained, after stage 1 + stage 2, and the same fine-tuned
+    model on the same questions with every image blank (what it gets without reading the images)."""
+    folder = tmp_path_factory.mktemp("evaluate")
+
+    def accuracy(model_dir, data_dir, name):
         result = run_command([
             sys.executable, "scripts/evaluate.py", "--model_name_or_path", model_dir,
-            "--dataset_path", xray_data / "test.jsonl", "--image_root", xray_data,
-            "--predictions_file", stage2.parent / f"{name}.jsonl",
+            "--dataset_path", data_dir / "test.jsonl", "--image_root", data_dir,
+            "--predictions_file", folder / f"{name}.jsonl",
         ])  # fmt: skip
         return json.loads(result.stdout.strip().splitlines()[-1])["accuracy"]
 
-    before, after = accuracy(tiny_model("chexagent"), "before"), accuracy(stage2, "after")
-    print(f"held-out accuracy: untrained {before:.2f}, after stage 1 + stage 2 {after:.2f}")
-    # 0.60 when written; answering without looking at the images tops out near 0.5.
-    assert after > before and after >= 0.3
+    scores = {
+        "untrained": accuracy(tiny_model("chexagent"), xray_data, "before"),
+        "trained": accuracy(stage2, xray_data, "after"),
+        "blank images": accuracy(stage2, blank_copy(xray_data, folder / "blank"), "blank"),
+    }
+    print(f"held-out accuracy: {scores}")
+    return scores
 
 
 @pytest.mark.distributed
+@pytest.mark.gpu_e2e
+def test_final_model_answers_held_out_studies_better_than_the_untrained_one(held_out_accuracy):
+    assert (
+        held_out_accuracy["trained"] > held_out_accuracy["untrained"] and held_out_accuracy["trained"] >= 0.3
+    )
+
+
+@pytest.mark.distributed
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured on CI's CPU: 0.60 with the images and 0.60 with blank ones; the tiny demo model learns the "
+    "answers' prior, not the images (issue 21). Strict: this fails once the fine-tune reads the images.",
+)
+def test_final_model_reads_the_images(held_out_accuracy):
+    # a blind model tops out near 0.5 on these questions (scripts/make_xray_demo_data.py)
+    assert held_out_accuracy["trained"] >= held_out_accuracy["blank images"] + 0.15, held_out_accuracy
+
+
+@pytest.mark.distributed
+@pytest.mark.extended  # LoRA as LLaVA's and Qwen's recipes run it in `make test`; this one in `make test-extended`
 def test_lora_from_stage1_saves_an_adapter_with_the_projector(stage1, xray_data):
     from peft import PeftModel
 

@@ -12,7 +12,7 @@ import torch
 from tests.conftest import REPO
 from vlm_recipes.config import ConfigError, parse_recipe_args, resolve_deepspeed
 from vlm_recipes.ds_config import arch_list_deepspeed_can_parse, check_deepspeed_config, secret_keys
-from vlm_recipes.training import training_dtype
+from vlm_recipes.training import CHECKPOINT_COMPLETE, prepare_output_dir, training_dtype
 
 
 def write_yaml(tmp_path, text):
@@ -162,3 +162,28 @@ def test_contradiction_is_refused_by_the_recipe_before_anything_loads(tmp_path, 
     config = write_yaml(tmp_path, BASE.format(out=tmp_path / "out"))
     with pytest.raises(ConfigError, match="Pick one"):
         parse_recipe_args(config, ["--config", str(config), "--deepspeed", "ds_configs/zero3_offload.json"])
+
+
+def test_only_checkpoints_every_rank_finished_are_resumed_from(tmp_path, caplog):
+    for step in (
+        5,
+        10,
+    ):  # both have rank 0's trainer_state.json; only checkpoint-5 was finished by every rank
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-5" / CHECKPOINT_COMPLETE).write_text("{}")
+    (tmp_path / "checkpoint-20").mkdir()  # cut off before rank 0 finished
+
+    def arguments(resume=None):
+        return SimpleNamespace(
+            output_dir=str(tmp_path), overwrite_output_dir=False, resume_from_checkpoint=resume
+        )
+
+    assert prepare_output_dir(arguments()) == str(tmp_path / "checkpoint-5")
+    assert f"ignoring {tmp_path / 'checkpoint-10'}: its writing did not finish on every rank" in caplog.text
+    assert f"ignoring {tmp_path / 'checkpoint-20'}" in caplog.text
+    # asked for by name: resumed from, with a warning; without trainer_state.json: refused
+    assert prepare_output_dir(arguments(str(tmp_path / "checkpoint-10"))) == str(tmp_path / "checkpoint-10")
+    assert f"has no {CHECKPOINT_COMPLETE}" in caplog.text
+    with pytest.raises(ConfigError, match="checkpoint-20 is not a complete checkpoint"):
+        prepare_output_dir(arguments(str(tmp_path / "checkpoint-20")))

@@ -1,5 +1,7 @@
-"""Every shipped accelerate/DeepSpeed config pair that can run on CPU trains the tiny LLaVA on 2 processes and
-saves a loadable model; scripts/show_ds_config.py shows exactly the config a run handed to DeepSpeed; the
+"""Every shipped accelerate/DeepSpeed config pair that can run on CPU trains the tiny LLaVA on 2 processes: the
+trained parts move and the frozen tower does not, each rank owns the share of the parameters its config gives it
+(a 1/N shard under ZeRO-3 and FSDP2), and the saved model reloads with every tensor, equal to what DeepSpeed's
+optimizer trained; scripts/show_ds_config.py shows exactly the config a run handed to DeepSpeed; the
 multi-node config runs as 2 machines x 1 process over loopback through scripts/launch_slurm.sh. The DeepSpeed
 configs and single_gpu also run on CUDA in bf16 and fp16 (`make test-gpu`, marked gpu_e2e)."""
 
@@ -17,6 +19,8 @@ from tests.conftest import (
     NUM_PROCESSES,
     QUIET_ENV,
     REPO,
+    assert_saved_equals_trained,
+    assert_saved_is_complete_and_moved,
     free_port,
     launch_recipe,
     logged_losses,
@@ -25,6 +29,7 @@ from tests.conftest import (
     with_precision,
 )
 from vlm_recipes.memory import DEEPSPEED_CONFIGS  # every shipped DeepSpeed JSON, the planner's list
+from vlm_recipes.run_stats import read_run_stats
 
 pytestmark = pytest.mark.distributed
 
@@ -56,19 +61,47 @@ def launch_with(config: str, args: list, num_processes: int | None = None):
 VARIANTS = {"zero2_offload_gpu_accum", "zero3_offload_optimizer"}
 
 
+def assert_trained_and_sharded_as_configured(
+    output_dir, changed: set[str], sharded: bool, processes=NUM_PROCESSES
+):
+    """The optimizer moved the trained parts and only those; each rank owned a 1/N shard of the parameters
+    where the config shards them (ZeRO-3, FSDP2), all of them otherwise."""
+    assert any("multi_modal_projector" in name for name in changed), changed
+    assert any("language_model" in name for name in changed), changed
+    assert not any("vision_tower" in name for name in changed), changed  # frozen
+    ranks = read_run_stats(output_dir)
+    assert len(ranks) == processes
+    for rank in ranks:
+        owned, total = rank["parameter_elements_owned"], rank["parameter_elements_total"]
+        assert total > 0, rank
+        if sharded and processes > 1:
+            assert total / processes <= owned <= 1.1 * total / processes, rank  # (+ padding)
+        else:
+            assert owned == total, rank
+
+
 @pytest.mark.gpu_e2e
 @pytest.mark.parametrize(
     "config", [pytest.param(c, marks=pytest.mark.extended) if c in VARIANTS else c for c in DEEPSPEED_CONFIGS]
 )
-def test_deepspeed_config_trains_and_show_ds_config_matches_the_run(tiny_llava, demo_data, tmp_path, config):
-    output_dir = tmp_path / config
-    args = demo_args(tiny_llava, demo_data, output_dir)
-    if config == "zero3_offload":
-        launch_recipe("llava.py", args)  # the default config, through the tests' usual launcher
+def test_deepspeed_config_trains_and_show_ds_config_matches_the_run(
+    tiny_llava, demo_data, tmp_path, config, llava_zero3_run
+):
+    if (
+        config == "zero3_offload"
+    ):  # the shared config: the tiny LLaVA's shared run (tests/conftest.py), no new launch
+        output_dir, args, _ = llava_zero3_run
+        assert sorted(logged_losses(output_dir)) == [5, 10, 15, 20, 25, 30]
+        checkpoint = "checkpoint-30"
     else:
+        output_dir = tmp_path / config
+        args = demo_args(tiny_llava, demo_data, output_dir, "--save_strategy", "steps", "--save_steps", "3")
         launch_with(config, args)
-    assert sorted(logged_losses(output_dir)) == [1, 2, 3]
-    LlavaForConditionalGeneration.from_pretrained(output_dir)  # full weights, whatever the ZeRO stage
+        assert sorted(logged_losses(output_dir)) == [1, 2, 3]
+        checkpoint = "checkpoint-3"
+    # full weights whatever the ZeRO stage, every tensor there, equal to what DeepSpeed's optimizer trained
+    changed = assert_saved_equals_trained(LlavaForConditionalGeneration, output_dir, checkpoint, tiny_llava)
+    assert_trained_and_sharded_as_configured(output_dir, changed, sharded=config.startswith("zero3"))
     used = json.loads((output_dir / "ds_config_resolved.json").read_text())
     shown = run_command(
         [sys.executable, "scripts/show_ds_config.py", "--recipe", "llava", "--world_size", NUM_PROCESSES, "--json",
@@ -80,10 +113,15 @@ def test_deepspeed_config_trains_and_show_ds_config_matches_the_run(tiny_llava, 
 @pytest.mark.parametrize("config", OTHER_CONFIGS)
 def test_other_accelerate_configs_train(tiny_llava, demo_data, tmp_path, config):
     output_dir = tmp_path / config
-    launch_with(config, demo_args(tiny_llava, demo_data, output_dir), 1 if config == "single_gpu" else None)
+    processes = 1 if config == "single_gpu" else NUM_PROCESSES
+    launch_with(config, demo_args(tiny_llava, demo_data, output_dir), processes)
     assert sorted(logged_losses(output_dir)) == [1, 2, 3]
     assert not (output_dir / "ds_config_resolved.json").exists()  # no DeepSpeed here
-    LlavaForConditionalGeneration.from_pretrained(output_dir)
+    changed = assert_saved_is_complete_and_moved(LlavaForConditionalGeneration, output_dir, tiny_llava)
+    # accelerate turns FSDP on only on GPUs: on a CPU it runs fsdp2.yaml as plain data parallel over gloo (each rank
+    # holds every parameter), so sharding is checked where FSDP2 really runs (`make test-gpu` with 2+ GPUs).
+    sharded = config == "fsdp2" and torch.cuda.is_available()
+    assert_trained_and_sharded_as_configured(output_dir, changed, sharded=sharded, processes=processes)
 
 
 def test_show_ds_config_explains_each_auto_offline():

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from transformers import CLIPImageProcessor, LlavaProcessor
 
+from tests.conftest import pickle_that_touches
 from vlm_recipes.data import ConversationDataset, DataError, load_image, load_records
 from vlm_recipes.masking import IGNORE_INDEX
 
@@ -240,9 +241,11 @@ def test_image_count_must_match_placeholders(tmp_path, image_root, value, image_
     assert f"{placeholders} image placeholder(s) but 1 image(s)" in message
 
 
-def test_image_outside_root_is_refused_unless_allowed(tmp_path, image_root):
+@pytest.mark.parametrize("how", ["relative, through ..", "absolute"])
+def test_image_outside_root_is_refused_unless_allowed(tmp_path, image_root, how):
     write_png(tmp_path / "outside.png")
-    record = llava(("human", "<image>"), ("gpt", "red"), image="../outside.png")
+    image = str((tmp_path / "outside.png").resolve()) if how == "absolute" else "../outside.png"
+    record = llava(("human", "<image>"), ("gpt", "red"), image=image)
     assert "points outside --image_root" in load_one_bad(tmp_path, image_root, record)
 
     records = load_records(str(tmp_path / "data.jsonl"), str(image_root), allow_images_outside_root=True)
@@ -250,10 +253,11 @@ def test_image_outside_root_is_refused_unless_allowed(tmp_path, image_root):
 
 
 def test_pickle_dataset_is_refused_with_the_reason(tmp_path):
-    path = tmp_path / "data.pkl"
-    path.write_bytes(b"not read")
+    path, ran = tmp_path / "data.pkl", tmp_path / "the pickle ran"
+    path.write_bytes(pickle_that_touches(ran))
     with pytest.raises(DataError, match="pickle files are refused, since loading one runs arbitrary code"):
         load_records(str(path))
+    assert not ran.exists()  # refused before loading, not after
 
 
 def test_all_problems_of_a_file_are_reported_together(tmp_path, image_root):

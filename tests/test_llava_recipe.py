@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
 from tests.conftest import (
+    HUB_TOKEN,
     NUM_PROCESSES,
     QUIET_ENV,
     REPO,
@@ -25,38 +26,24 @@ from tests.conftest import (
     assert_resolved_like_arguments,
     assert_saved_equals_trained,
     launch_recipe,
+    llava_recipe_args,
     logged_losses,
     recipe_command,
     requires_processes,
     run_command,
 )
+from vlm_recipes.run_stats import read_run_stats
+from vlm_recipes.training import CHECKPOINT_COMPLETE, is_complete_checkpoint
 
 pytestmark = pytest.mark.distributed
-HUB_TOKEN = "hf_SECRETdoNotWriteMe0123456789"  # never used: push_to_hub is off, so nothing goes online
 
 
-def recipe_args(tiny_llava, demo_data, output_dir, *extra):
-    return [
-        "--config", "recipes/configs/llava_demo.yaml",
-        "--model_name_or_path", tiny_llava,
-        "--dataset_path", demo_data / "train.json", "--image_root", demo_data,
-        "--output_dir", output_dir,
-        "--overwrite_output_dir", "false",
-        *extra,
-    ]  # fmt: skip
+recipe_args = llava_recipe_args
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_llava, demo_data, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("llava") / "full"
-    args = recipe_args(
-        tiny_llava, demo_data, output_dir,
-        "--max_steps", "30", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-        "--learning_rate", "2e-3", "--logging_steps", "5", "--save_strategy", "steps", "--save_steps", "15",
-        "--hub_token", HUB_TOKEN, "--report_to", "tensorboard",  # what could leak the token, written
-    )  # fmt: skip
-    result = launch_recipe("llava.py", args)
-    return output_dir, args, result
+def full_run(llava_zero3_run):
+    return llava_zero3_run
 
 
 @pytest.mark.gpu_e2e
@@ -115,20 +102,32 @@ def test_saved_model_reloads_and_equals_trained_weights(full_run, tiny_llava):
     assert any("language_model" in name for name in changed)
 
 
+def steps_run_by_every_rank(output_dir) -> list[int]:
+    """Optimizer steps each rank ran in the last launch into output_dir (RunStatsCallback counts them)."""
+    return [rank["steps"] for rank in read_run_stats(output_dir)]
+
+
 @pytest.mark.gpu_e2e
 def test_rerun_resumes_from_last_complete_checkpoint(full_run, tmp_path):
     output_dir, args, _ = full_run
     interrupted = tmp_path / "interrupted"
-    shutil.copytree(output_dir, interrupted)
-    # As if the process died while writing checkpoint-30: no final model, checkpoint-30 incomplete.
+    shutil.copytree(output_dir, interrupted, ignore=shutil.ignore_patterns("run_stats"))
+    # As if the run died while writing checkpoint-30: no final model; rank 0 had written its trainer_state.json,
+    # the other ranks had not finished their DeepSpeed shards, so no rank marked the checkpoint complete.
     (interrupted / "model.safetensors").unlink()
     (interrupted / "trainer_state.json").unlink()
-    (interrupted / "checkpoint-30" / "trainer_state.json").unlink()
+    (interrupted / "checkpoint-30" / CHECKPOINT_COMPLETE).unlink()
+    for shard in (interrupted / "checkpoint-30" / "global_step30").glob("*zero_pp_rank_1_*"):
+        shard.unlink()
+    assert (interrupted / "checkpoint-30" / "trainer_state.json").is_file()
     rerun_args = [str(interrupted) if str(a) == str(output_dir) else a for a in args]
     result = launch_recipe("llava.py", rerun_args)
     log = result.stdout + result.stderr
     assert f"resuming from {interrupted / 'checkpoint-15'}" in log
     assert f"ignoring {interrupted / 'checkpoint-30'}" in log
+    # Only the remaining 15 steps ran, and from the checkpoint's state: a rerun that ignored the checkpoint (or
+    # loaded its step count but not its weights and optimizer) would run 30 steps, or end at other losses.
+    assert steps_run_by_every_rank(interrupted) == [15] * NUM_PROCESSES
     state = json.loads((interrupted / "trainer_state.json").read_text())
     assert state["global_step"] == 30
     # The resumed run repeats steps 16-30 on the same batches from the same state: same losses.
@@ -136,6 +135,7 @@ def test_rerun_resumes_from_last_complete_checkpoint(full_run, tmp_path):
     for step in (20, 25, 30):
         assert resumed[step] == pytest.approx(original[step], rel=RESUME_RTOL), (step, original, resumed)
     assert (interrupted / "model.safetensors").is_file()
+    assert is_complete_checkpoint(interrupted / "checkpoint-30")  # written again, on every rank, and marked
 
 
 @pytest.mark.gpu_e2e
@@ -149,18 +149,28 @@ def test_sigkill_mid_training_then_rerun_resumes_and_ends_at_the_same_loss(full_
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 300
+    # Killed the moment rank 0's last file of checkpoint-10 appears: the other rank may still be writing then.
     while not (killed / "checkpoint-10" / "trainer_state.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before checkpoint-10"
-        time.sleep(0.1)
+        time.sleep(0.01)
     # The launcher and both ranks (torch's launcher gives its workers their own sessions), no clean-up.
     for victim in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
         victim.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "model.safetensors").exists()
+    marked = sorted(
+        int(p.parent.name.split("-")[1]) for p in killed.glob(f"checkpoint-*/{CHECKPOINT_COMPLETE}")
+    )
 
     result = launch_recipe("llava.py", run_args)  # the same command again
-    resumed_from = int(re.search(r"resuming from .*checkpoint-(\d+)", result.stdout + result.stderr).group(1))
-    assert resumed_from >= 10
+    log = result.stdout + result.stderr
+    resumed_from = int(re.search(r"resuming from .*checkpoint-(\d+)", log).group(1))
+    # From the last checkpoint every rank finished (5, or 10 if the marker was written before the kill), never
+    # from one that only rank 0 finished.
+    assert marked and resumed_from == marked[-1] and resumed_from in (5, 10), (marked, resumed_from)
+    if resumed_from == 5:
+        assert f"ignoring {killed / 'checkpoint-10'}" in log
+    assert steps_run_by_every_rank(killed) == [30 - resumed_from] * NUM_PROCESSES
     # Same data order, same RNG state from the checkpoint: the uninterrupted run's losses.
     original, resumed = logged_losses(output_dir), logged_losses(killed)
     assert resumed[30] == pytest.approx(original[30], rel=RESUME_RTOL), (resumed_from, original, resumed)

@@ -134,6 +134,27 @@ def test_guard_rows_give_every_batch_each_kind_and_keep_the_loss(tiny_real):
         )
 
 
+@pytest.mark.parametrize("source", ["llava-1.5-7b-hf (real files)", "llava (ours)", "chexagent (ours)"])
+def test_text_only_batch_of_llava_and_chexagent_gets_a_blank_image_and_keeps_the_loss(
+    tiny_real, tiny_model, source
+):
+    # Qwen's guard is tested above and in test_qwen_vl_recipe.py; these run their vision tower once per batch too.
+    name = source.split(" ")[0]
+    if "real" in source and not real_folder(name).is_dir():
+        pytest.skip(f"{real_folder(name)} is absent")
+    path = tiny_real(name) if "real" in source else tiny_model(name)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    samples = [tokenize_conversation(processor, [user("Say left.", None), assistant("left")], [])] * 2
+    guarded = ConversationCollator(processor)(samples)
+    assert guarded["input_ids"].shape[0] == 3 and (guarded["labels"][2] == IGNORE_INDEX).all()
+    assert guarded["pixel_values"].shape[0] == 1  # the vision tower runs on this rank too
+    unguarded = ConversationCollator(processor, guard_text_only_batches=False)(samples)
+    assert "pixel_values" not in unguarded
+    with torch.no_grad():
+        torch.testing.assert_close(model(**guarded).loss, model(**unguarded).loss, rtol=1e-6, atol=1e-6)
+
+
 def write_mixed_media_data(folder):
     """Four records in order: [big image, video] for rank 0 and [image, image] for rank 1 (sequential sampling,
     2 per micro-batch); the big image is 3000x2000, more tokens than max_length unless --max_pixels holds."""

@@ -1,5 +1,5 @@
-"""Training plumbing every recipe shares: output folders and resuming, freezing, the resolved DeepSpeed
-config, and saving a model that loads with `from_pretrained`."""
+"""Training plumbing every recipe shares: output folders, complete checkpoints and resuming, freezing, the resolved
+DeepSpeed config, and saving a model that loads with `from_pretrained`."""
 
 import json
 import os
@@ -25,12 +25,34 @@ FINISHED_MODEL_FILES = (
 )
 RESOLVED_DS_CONFIG_NAME = "ds_config_resolved.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# Written into a checkpoint-* folder by rank 0 once every rank has finished writing its part. The Trainer's own last
+# file, trainer_state.json, is rank 0's: the other ranks may still be writing their DeepSpeed shards and RNG states
+# when it appears, so a run killed then leaves a folder that has it and still cannot be resumed from.
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    # The Trainer writes trainer_state.json last, after the weights, the DeepSpeed shards and the RNG
-    # states: a folder without it was cut off while being written and must not be resumed from.
-    return (path / "trainer_state.json").is_file()
+    return (path / CHECKPOINT_COMPLETE).is_file()
+
+
+class CheckpointCompleteCallback(TrainerCallback):
+    """Marks each checkpoint complete (CHECKPOINT_COMPLETE, listing its files) once every rank has written it: the
+    Trainer calls on_save on every rank after its own saving, so one barrier there waits for the slowest rank."""
+
+    def on_save(self, args, state, control, **kwargs):
+        from accelerate.state import PartialState
+
+        PartialState().wait_for_everyone()
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not state.is_world_process_zero or not folder.is_dir():
+            return
+        files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+        marker = {"global_step": state.global_step, "world_size": args.world_size, "files": files}
+        partial = (
+            folder / f"{CHECKPOINT_COMPLETE}.partial"
+        )  # renamed into place: a kill never leaves half a marker
+        partial.write_text(json.dumps(marker, indent=1) + "\n")
+        os.replace(partial, folder / CHECKPOINT_COMPLETE)
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
@@ -39,7 +61,10 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     checkpoints = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
     complete = [p for p in checkpoints if is_complete_checkpoint(p)]
     for skipped in sorted(set(checkpoints) - set(complete)):
-        logger.warning(f"ignoring {skipped}: its writing did not finish (no trainer_state.json)")
+        logger.warning(
+            f"ignoring {skipped}: its writing did not finish on every rank (no {CHECKPOINT_COMPLETE}); "
+            f"--resume_from_checkpoint {skipped} resumes from it anyway"
+        )
     return max(complete, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)), default=None)
 
 
@@ -56,10 +81,16 @@ def prepare_output_dir(training_args) -> str | None:
             "--output_dir, or pass --overwrite_output_dir true to train again and replace it."
         )
     if training_args.resume_from_checkpoint:
-        if not is_complete_checkpoint(Path(training_args.resume_from_checkpoint)):
+        asked = Path(training_args.resume_from_checkpoint)
+        if not (asked / "trainer_state.json").is_file():
             raise ConfigError(
-                f"--resume_from_checkpoint {training_args.resume_from_checkpoint} is not a complete checkpoint "
-                "(no trainer_state.json); pick another checkpoint-* folder"
+                f"--resume_from_checkpoint {asked} is not a complete checkpoint (no trainer_state.json); pick "
+                "another checkpoint-* folder"
+            )
+        if not is_complete_checkpoint(asked):  # another program's checkpoint, or one cut off: the user's call
+            logger.warning(
+                f"{asked} has no {CHECKPOINT_COMPLETE} (written by another program, or cut off before every "
+                "rank had written its part); resuming from it as asked"
             )
         return training_args.resume_from_checkpoint
     if training_args.overwrite_output_dir:
