@@ -85,12 +85,11 @@ def assert_trained_and_sharded_as_configured(
     "config", [pytest.param(c, marks=pytest.mark.extended) if c in VARIANTS else c for c in DEEPSPEED_CONFIGS]
 )
 def test_deepspeed_config_trains_and_show_ds_config_matches_the_run(
-    tiny_llava, demo_data, tmp_path, config, llava_zero3_run
+    tiny_llava, demo_data, tmp_path, config, request
 ):
-    if (
-        config == "zero3_offload"
-    ):  # the shared config: the tiny LLaVA's shared run (tests/conftest.py), no new launch
-        output_dir, args, _ = llava_zero3_run
+    # the shared config: the tiny LLaVA's shared run (tests/conftest.py), no launch of its own
+    if config == "zero3_offload":
+        output_dir, args, _ = request.getfixturevalue("llava_zero3_run")
         assert sorted(logged_losses(output_dir)) == [5, 10, 15, 20, 25, 30]
         checkpoint = "checkpoint-30"
     else:
