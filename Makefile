@@ -53,7 +53,7 @@ train: $(INSTALLED)  ## fine-tune: make train MODEL=llava|qwen-vl|chexagent [CON
 test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 17 minutes on 2 cores without AVX-512)
 	$(PYTHON) -m pytest --durations=25
 
-test-extended: $(INSTALLED)  ## the cases left out of `make test`: other ZeRO variants and model families of its runs
+test-extended: $(INSTALLED)  ## the cases left out of `make test`: benchmark-sized checks, other ZeRO variants and model families of its runs
 	$(PYTHON) -m pytest -m extended
 
 test-gpu: $(INSTALLED)  ## on CUDA: the tiny end-to-end tests in bf16 then fp16, one process per GPU; results in runs/test-gpu/ [ARGS="-k llava"]

@@ -42,9 +42,8 @@ def test_packed_vision_attention_matches_sdpa_window_by_window(device, monkeypat
 
         kernel = varlen.varlen_attn
         monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k))
-    grid = torch.tensor(
-        [[1, 32, 32], [1, 16, 24]], device=device
-    )  # two images, the second with odd edge windows
+    # two images, the second with edge windows of other sizes
+    grid = torch.tensor([[1, 32, 32], [1, 16, 24]], device=device)
     pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, device=device, dtype=dtype)
     results = []
     for tower in (model.model.visual, packed.model.visual):

@@ -165,10 +165,8 @@ def test_contradiction_is_refused_by_the_recipe_before_anything_loads(tmp_path, 
 
 
 def test_only_checkpoints_every_rank_finished_are_resumed_from(tmp_path, caplog):
-    for step in (
-        5,
-        10,
-    ):  # both have rank 0's trainer_state.json; only checkpoint-5 was finished by every rank
+    # both have rank 0's trainer_state.json; only checkpoint-5 was finished by every rank
+    for step in (5, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-5" / CHECKPOINT_COMPLETE).write_text("{}")

@@ -1,6 +1,7 @@
 """Every shipped accelerate/DeepSpeed config pair that can run on CPU trains the tiny LLaVA on 2 processes: the
 trained parts move and the frozen tower does not, each rank owns the share of the parameters its config gives it
-(a 1/N shard under ZeRO-3 and FSDP2), and the saved model reloads with every tensor, equal to what DeepSpeed's
+(a 1/N shard under ZeRO-3, and under FSDP2 on GPUs: on a CPU accelerate runs fsdp2.yaml as plain data parallel),
+and the saved model reloads with every tensor, equal to what DeepSpeed's
 optimizer trained; scripts/show_ds_config.py shows exactly the config a run handed to DeepSpeed; the
 multi-node config runs as 2 machines x 1 process over loopback through scripts/launch_slurm.sh. The DeepSpeed
 configs and single_gpu also run on CUDA in bf16 and fp16 (`make test-gpu`, marked gpu_e2e)."""
@@ -65,7 +66,7 @@ def assert_trained_and_sharded_as_configured(
     output_dir, changed: set[str], sharded: bool, processes=NUM_PROCESSES
 ):
     """The optimizer moved the trained parts and only those; each rank owned a 1/N shard of the parameters
-    where the config shards them (ZeRO-3, FSDP2), all of them otherwise."""
+    where `sharded`, all of them otherwise."""
     assert any("multi_modal_projector" in name for name in changed), changed
     assert any("language_model" in name for name in changed), changed
     assert not any("vision_tower" in name for name in changed), changed  # frozen

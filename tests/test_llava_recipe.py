@@ -38,17 +38,9 @@ from vlm_recipes.training import CHECKPOINT_COMPLETE, is_complete_checkpoint
 pytestmark = pytest.mark.distributed
 
 
-recipe_args = llava_recipe_args
-
-
-@pytest.fixture(scope="module")
-def full_run(llava_zero3_run):
-    return llava_zero3_run
-
-
 @pytest.mark.gpu_e2e
-def test_full_finetune_loss_falls(full_run):
-    output_dir, _, _ = full_run
+def test_full_finetune_loss_falls(llava_zero3_run):
+    output_dir, _, _ = llava_zero3_run
     losses = logged_losses(output_dir)
     assert sorted(losses) == [5, 10, 15, 20, 25, 30]
     assert losses[30] < 0.5 * losses[5], losses
@@ -56,8 +48,8 @@ def test_full_finetune_loss_falls(full_run):
 
 @pytest.mark.gpu_e2e
 @requires_processes(2, "the records are shared out among the processes")
-def test_preflight_checks_each_record_once_across_the_processes(full_run, demo_data):
-    _, _, result = full_run
+def test_preflight_checks_each_record_once_across_the_processes(llava_zero3_run, demo_data):
+    _, _, result = llava_zero3_run
     reports = [line for line in result.stdout.splitlines() if line.startswith("preflight: all")]
     shares = " + ".join(str(len(range(rank, 96, NUM_PROCESSES))) for rank in range(NUM_PROCESSES))
     assert reports == [
@@ -67,8 +59,8 @@ def test_preflight_checks_each_record_once_across_the_processes(full_run, demo_d
 
 
 @pytest.mark.gpu_e2e
-def test_no_file_the_run_writes_holds_the_hub_token(full_run):
-    output_dir, _, result = full_run
+def test_no_file_the_run_writes_holds_the_hub_token(llava_zero3_run):
+    output_dir, _, result = llava_zero3_run
     written = [path for path in output_dir.rglob("*") if path.is_file()]
     names = {path.name for path in written}
     # The files that could hold it are there: the Trainer's pickled arguments, TensorBoard's copy of them.
@@ -80,9 +72,9 @@ def test_no_file_the_run_writes_holds_the_hub_token(full_run):
 
 
 @pytest.mark.gpu_e2e
-def test_resolved_deepspeed_config_matches_the_arguments(full_run):
+def test_resolved_deepspeed_config_matches_the_arguments(llava_zero3_run):
     # (a one-process run's: tests/test_multi_process.py, whose first run is one process)
-    output_dir, _, result = full_run
+    output_dir, _, result = llava_zero3_run
     config = json.loads((output_dir / "ds_config_resolved.json").read_text())
     assert_resolved_like_arguments(
         config, world_size=NUM_PROCESSES, micro=4, accumulation=2, learning_rate=2e-3
@@ -91,8 +83,8 @@ def test_resolved_deepspeed_config_matches_the_arguments(full_run):
 
 
 @pytest.mark.gpu_e2e
-def test_saved_model_reloads_and_equals_trained_weights(full_run, tiny_llava):
-    output_dir, _, _ = full_run
+def test_saved_model_reloads_and_equals_trained_weights(llava_zero3_run, tiny_llava):
+    output_dir, _, _ = llava_zero3_run
     assert (output_dir / "processor_config.json").is_file() and (output_dir / "tokenizer.json").is_file()
     changed = assert_saved_equals_trained(
         LlavaForConditionalGeneration, output_dir, "checkpoint-30", tiny_llava
@@ -108,8 +100,8 @@ def steps_run_by_every_rank(output_dir) -> list[int]:
 
 
 @pytest.mark.gpu_e2e
-def test_rerun_resumes_from_last_complete_checkpoint(full_run, tmp_path):
-    output_dir, args, _ = full_run
+def test_rerun_resumes_from_last_complete_checkpoint(llava_zero3_run, tmp_path):
+    output_dir, args, _ = llava_zero3_run
     interrupted = tmp_path / "interrupted"
     shutil.copytree(output_dir, interrupted, ignore=shutil.ignore_patterns("run_stats"))
     # As if the run died while writing checkpoint-30: no final model; rank 0 had written its trainer_state.json,
@@ -140,8 +132,8 @@ def test_rerun_resumes_from_last_complete_checkpoint(full_run, tmp_path):
 
 @pytest.mark.gpu_e2e
 @requires_processes(2, "kills the launcher and both ranks mid-run")
-def test_sigkill_mid_training_then_rerun_resumes_and_ends_at_the_same_loss(full_run, tmp_path):
-    output_dir, args, _ = full_run
+def test_sigkill_mid_training_then_rerun_resumes_and_ends_at_the_same_loss(llava_zero3_run, tmp_path):
+    output_dir, args, _ = llava_zero3_run
     killed = tmp_path / "killed"
     run_args = [str(killed) if str(a) == str(output_dir) else a for a in args] + ["--save_steps", "5"]
     process = subprocess.Popen(
@@ -177,8 +169,8 @@ def test_sigkill_mid_training_then_rerun_resumes_and_ends_at_the_same_loss(full_
     assert (killed / "model.safetensors").is_file()
 
 
-def test_finished_output_dir_is_not_overwritten(full_run):
-    output_dir, args, _ = full_run
+def test_finished_output_dir_is_not_overwritten(llava_zero3_run):
+    output_dir, args, _ = llava_zero3_run
     before = (output_dir / "model.safetensors").stat().st_mtime_ns
     result = run_command([sys.executable, "recipes/llava.py", *args], check=False, timeout=300)
     assert result.returncode != 0
@@ -195,7 +187,7 @@ def test_lora_saves_a_loadable_adapter(tiny_llava, demo_data, tmp_path):
     from vlm_recipes.inference import load_for_inference
 
     output_dir = tmp_path / "lora"
-    args = recipe_args(tiny_llava, demo_data, output_dir)
+    args = llava_recipe_args(tiny_llava, demo_data, output_dir)
     args[1] = "recipes/configs/llava_lora.yaml"
     args += [
         "--max_steps", "10", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",

@@ -141,9 +141,8 @@ def test_video_as_frames_trains_and_a_video_file_without_decoder_names_the_recor
     for _ in range(4):
         loss = model(**batch).loss
         loss.backward()
-        assert (
-            model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
-        )  # the frames went through the tower
+        # the frames went through the tower
+        assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())

@@ -134,14 +134,19 @@ def test_guard_rows_give_every_batch_each_kind_and_keep_the_loss(tiny_real):
         )
 
 
-@pytest.mark.parametrize("source", ["llava-1.5-7b-hf (real files)", "llava (ours)", "chexagent (ours)"])
+@pytest.mark.parametrize(
+    "source",
+    [
+        pytest.param("llava-1.5-7b-hf (real files)", marks=requires_real("llava-1.5-7b-hf")),
+        "llava (ours)",
+        "chexagent (ours)",
+    ],
+)
 def test_text_only_batch_of_llava_and_chexagent_gets_a_blank_image_and_keeps_the_loss(
     tiny_real, tiny_model, source
 ):
     # Qwen's guard is tested above and in test_qwen_vl_recipe.py; these run their vision tower once per batch too.
     name = source.split(" ")[0]
-    if "real" in source and not real_folder(name).is_dir():
-        pytest.skip(f"{real_folder(name)} is absent")
     path = tiny_real(name) if "real" in source else tiny_model(name)
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()

@@ -1,9 +1,10 @@
 """What a run cost: wall time per optimizer step, GPU memory peaks and host memory peaks, for every rank.
 
 Every recipe adds `RunStatsCallback`. At the end of training each rank writes output_dir/run_stats/rank<N>.json
-(steps run in this launch, step times, memory peaks, and how many parameter elements the rank owns: its shard under
-ZeRO-3 and FSDP2) and rank 0 prints one summary line. scripts/benchmark.py reads these files, and the memory planner's tests
-compare its estimates against them, so a benchmark row and a user's run are measured by the same code.
+(steps run in this launch, step times, memory peaks, and how many parameter elements the rank owns: its shard
+under ZeRO-3 and FSDP2) and rank 0 prints one summary line. scripts/benchmark.py reads these files, and the memory
+planner's tests compare its estimates against them, so a benchmark row and a user's run are measured by the same
+code.
 """
 
 import json

@@ -48,9 +48,8 @@ class CheckpointCompleteCallback(TrainerCallback):
             return
         files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
         marker = {"global_step": state.global_step, "world_size": args.world_size, "files": files}
-        partial = (
-            folder / f"{CHECKPOINT_COMPLETE}.partial"
-        )  # renamed into place: a kill never leaves half a marker
+        # written beside it, then renamed into place: a kill never leaves half a marker
+        partial = folder / f"{CHECKPOINT_COMPLETE}.partial"
         partial.write_text(json.dumps(marker, indent=1) + "\n")
         os.replace(partial, folder / CHECKPOINT_COMPLETE)
 
