@@ -143,7 +143,7 @@ def assembles(model_args, assembly_args) -> bool:
 
 def check_part_types(vision_path: str, text_path: str, trust_remote_code: bool) -> None:
     """Refuse unsupported encoders and LMs from their configs, before any weights are read."""
-    vision_type = AutoConfig.from_pretrained(vision_path).model_type
+    vision_type = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code).model_type
     text_type = AutoConfig.from_pretrained(text_path, trust_remote_code=trust_remote_code).model_type
     if vision_type not in VISION_MODEL_TYPES or text_type not in TEXT_MODEL_TYPES:
         raise ConfigError(
@@ -255,7 +255,9 @@ def main():
     resume_from = prepare_output_dir(training_args)
     # Contradictions between the DeepSpeed JSON and the arguments fail here, not at train().
     check_deepspeed_config(
-        training_args, assembly_args.text_model_name_or_path if assemble else model_args.model_name_or_path
+        training_args,
+        assembly_args.text_model_name_or_path if assemble else model_args.model_name_or_path,
+        model_args.trust_remote_code,
     )
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------
@@ -282,7 +284,9 @@ def main():
         check_part_types(vision_path, text_path, model_args.trust_remote_code)
         processor = build_processor(vision_path, text_path, model_args.trust_remote_code)
     else:
-        model_type = AutoConfig.from_pretrained(model_args.model_name_or_path).model_type
+        model_type = AutoConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+        ).model_type
         if model_type != "llava":  # MODEL-SPECIFIC: the architecture this recipe trains
             raise ConfigError(
                 f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/chexagent.py trains "

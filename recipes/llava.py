@@ -53,9 +53,8 @@ def main():
     # TrainingArguments come first: under ZeRO-3 they switch on partitioned model construction (zero.Init).
     model_args, data_args, training_args = parse_recipe_args(DEFAULT_CONFIG)
     resume_from = prepare_output_dir(training_args)
-    check_deepspeed_config(
-        training_args, model_args.model_name_or_path
-    )  # contradictions fail here, not at train()
+    # Contradictions between the DeepSpeed JSON and the arguments fail here, not at train().
+    check_deepspeed_config(training_args, model_args.model_name_or_path, model_args.trust_remote_code)
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------
     train_records = load_records(
@@ -76,7 +75,9 @@ def main():
     )
 
     # ---- model + processor ------------------------------------------------------------------------------------
-    model_type = AutoConfig.from_pretrained(model_args.model_name_or_path).model_type
+    model_type = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    ).model_type
     if model_type != "llava":  # MODEL-SPECIFIC: the architecture this recipe trains
         raise ConfigError(
             f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/llava.py trains 'llava' "

@@ -116,9 +116,8 @@ def main():
         DEFAULT_CONFIG, extra_classes=(QwenImageArguments,)
     )
     resume_from = prepare_output_dir(training_args)
-    check_deepspeed_config(
-        training_args, model_args.model_name_or_path
-    )  # contradictions fail here, not at train()
+    # Contradictions between the DeepSpeed JSON and the arguments fail here, not at train().
+    check_deepspeed_config(training_args, model_args.model_name_or_path, model_args.trust_remote_code)
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------
     train_records = load_records(
@@ -139,7 +138,9 @@ def main():
     )
 
     # ---- model + processor ------------------------------------------------------------------------------------
-    model_type = AutoConfig.from_pretrained(model_args.model_name_or_path).model_type
+    model_type = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    ).model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/qwen_vl.py trains "

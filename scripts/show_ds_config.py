@@ -57,10 +57,10 @@ def ds_config_path(accelerate_config: Path) -> Path:
     return Path(path)
 
 
-def load_model_config(model_name_or_path: str):
+def load_model_config(model_name_or_path: str, trust_remote_code: bool = False):
     """The checkpoint's config, or, offline, the hidden size this repository knows for the recipes' defaults."""
     try:
-        return AutoConfig.from_pretrained(model_name_or_path)
+        return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     except OSError:
         if model_name_or_path in KNOWN_TEXT_HIDDEN_SIZES:
             return SimpleNamespace(hidden_size=KNOWN_TEXT_HIDDEN_SIZES[model_name_or_path])
@@ -115,7 +115,7 @@ def main() -> None:
     if named and named.lower() not in NO_DEEPSPEED and args.ds_config is None:
         args.ds_config = Path(named)
     path = args.ds_config or ds_config_path(args.accelerate_config)
-    model_config = load_model_config(model_args.model_name_or_path)
+    model_config = load_model_config(model_args.model_name_or_path, model_args.trust_remote_code)
     steps = args.num_training_steps
     if steps is None:
         original_has_scheduler = "scheduler" in json.loads(path.read_text())

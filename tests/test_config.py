@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from vlm_recipes.config import ConfigError, parse_recipe_args, resolve_deepspeed
-from vlm_recipes.ds_config import arch_list_deepspeed_can_parse, check_deepspeed_config, secret_keys
+from vlm_recipes.config import ConfigError, auto_precision, parse_recipe_args, resolve_deepspeed
+from vlm_recipes.ds_config import arch_list_deepspeed_can_parse, secret_keys
 from vlm_recipes.training import CHECKPOINT_COMPLETE, prepare_output_dir, training_dtype
 
 
@@ -32,6 +32,33 @@ def test_yaml_values_then_command_line_overrides(tmp_path):
     assert model_args.model_name_or_path == "some/model" and data_args.dataset_path == "data.json"
     assert training_args.learning_rate == 3e-4 and data_args.max_length == 64  # command line wins
     assert training_args.bf16 is False and training_args.fp16 is False  # auto precision: fp32 without a GPU
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16_supported", "expected"),
+    [(True, True, {"bf16": True, "fp16": False}),  # Ampere and later
+     (True, False, {"bf16": False, "fp16": True}),  # V100, T4: no bf16
+     (False, False, {"bf16": False, "fp16": False})],  # CPU: fp32
+)  # fmt: skip
+def test_precision_is_chosen_per_gpu(monkeypatch, cuda, bf16_supported, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
+    assert auto_precision() == expected
+
+
+def test_auto_precision_applies_unless_a_precision_is_given(tmp_path, monkeypatch):
+    # What auto_precision picks on an Ampere GPU, here on the CPU (TrainingArguments would initialise CUDA if
+    # torch.cuda said it had one): the arguments carry it unless --bf16 or --fp16 is given, on the command line
+    # or in the YAML.
+    monkeypatch.setattr("vlm_recipes.config.auto_precision", lambda: {"bf16": True, "fp16": False})
+    config = write_yaml(tmp_path, BASE.format(out=tmp_path / "out") + "use_cpu: true\n")
+    _, _, training_args = parse_recipe_args(config, ["--config", str(config)])
+    assert (training_args.bf16, training_args.fp16) == (True, False)
+    _, _, training_args = parse_recipe_args(config, ["--config", str(config), "--bf16", "false"])
+    assert (training_args.bf16, training_args.fp16) == (False, False)
+    config.write_text(config.read_text() + "bf16: false\n")
+    _, _, training_args = parse_recipe_args(config, ["--config", str(config)])
+    assert (training_args.bf16, training_args.fp16) == (False, False)
 
 
 def test_weights_load_in_the_training_precision_but_fp16_without_deepspeed_in_fp32():
@@ -67,23 +94,30 @@ def test_local_model_folder_is_recorded_by_absolute_path(tmp_path, monkeypatch):
     assert model_args.model_name_or_path == str(tmp_path / "model")
 
 
-def test_hub_token_is_cleared_from_the_arguments_and_handed_over_in_the_environment(tmp_path, monkeypatch):
+@pytest.mark.parametrize("given_in", ["command line", "yaml"])
+def test_hub_token_is_cleared_from_the_arguments_and_handed_over_in_the_environment(
+    tmp_path, monkeypatch, given_in
+):
     monkeypatch.delenv("HF_TOKEN", raising=False)  # restored after the test
-    config = write_yaml(tmp_path, BASE.format(out=tmp_path / "out"))
-    _, _, training_args = parse_recipe_args(config, ["--config", str(config), "--hub_token", "hf_SECRETabc"])
+    in_yaml = given_in == "yaml"
+    config = write_yaml(tmp_path, BASE.format(out=tmp_path / "out") + ("hub_token: hf_SECRETabc\n" * in_yaml))
+    token_flag = [] if in_yaml else ["--hub_token", "hf_SECRETabc"]
+    _, _, training_args = parse_recipe_args(config, ["--config", str(config), *token_flag])
     assert training_args.hub_token is None
     assert os.environ["HF_TOKEN"] == "hf_SECRETabc"  # where huggingface_hub looks when given no token
     assert b"hf_SECRETabc" not in pickle.dumps(training_args)  # what the Trainer writes as training_args.bin
 
 
-def test_deepspeed_config_holding_credentials_is_refused(tmp_path):
+def test_credentials_in_a_deepspeed_config_are_found_by_key_name():
     shipped = {path.name: json.loads(path.read_text()) for path in (REPO / "ds_configs").glob("*.json")}
     assert shipped and all(secret_keys(config) == [] for config in shipped.values())
     config = {**shipped["zero3_offload.json"], "comet": {"enabled": True, "api_key": "SECRET"}}
-    (tmp_path / "ds.json").write_text(json.dumps(config))
-    training_args = SimpleNamespace(deepspeed=str(tmp_path / "ds.json"), allow_deepspeed_scheduler=False)
-    with pytest.raises(ConfigError, match=r"holds credentials \(comet.api_key\).*COMET_API_KEY"):
-        check_deepspeed_config(training_args, "never/loaded")
+    assert secret_keys(config) == ["comet.api_key"]
+    # every key name that holds one, at any depth; not a value that merely mentions one
+    nested = {"a": {"hub_token": "x", "b": {"db_password": "y", "client_secret": "z"}}, "note": "api_key"}
+    assert secret_keys(nested) == ["a.hub_token", "a.b.db_password", "a.b.client_secret"]
+    # Through a recipe, listed with the config's other problems:
+    # test_config_suite.py::test_every_problem_of_a_deepspeed_config_is_listed_before_loading_weights.
 
 
 @pytest.mark.parametrize(

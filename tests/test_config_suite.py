@@ -186,12 +186,13 @@ def test_multi_node_config_on_loopback_through_launch_slurm(tiny_llava, demo_dat
     LlavaForConditionalGeneration.from_pretrained(output_dir)
 
 
-def test_every_contradiction_of_a_deepspeed_config_is_listed_before_loading_weights(
+def test_every_problem_of_a_deepspeed_config_is_listed_before_loading_weights(
     tiny_llava, demo_data, tmp_path
 ):
     change = {
         "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto"}},
         "gradient_accumulation_steps": 1, "train_micro_batch_size_per_gpu": 8,
+        "comet": {"enabled": True, "api_key": "SECRET-one"}, "my_monitor": {"db": {"password": "SECRET-two"}},
     }  # fmt: skip
     config = {**json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text()), **change}
     (tmp_path / "ds.json").write_text(json.dumps(config))
@@ -206,9 +207,12 @@ def test_every_contradiction_of_a_deepspeed_config_is_listed_before_loading_weig
     ]  # fmt: skip
     result = run_command(command, check=False)
     assert result.returncode != 0 and "Loading weights" not in result.stderr
-    for message in [  # all three in one run: one edit of the file fixes them
+    for message in [  # all four in one run: one edit of the file fixes them
+        "holds credentials (comet.api_key, my_monitor.db.password)",
         "has a scheduler block (WarmupDecayLR), which would silently replace --lr_scheduler_type cosine",
         "ds gradient_accumulation_steps=1 vs hf gradient_accumulation_steps=2",
         "ds train_micro_batch_size_per_gpu=8 vs hf per_device_train_batch_size=2",
     ]:
         assert message in result.stderr, result.stderr[-3000:]
+    assert "SECRET" not in result.stdout + result.stderr  # the keys are named, their values never shown
+    assert not (tmp_path / "out").exists()  # nothing written: not even ds_config_resolved.json

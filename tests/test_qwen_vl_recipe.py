@@ -111,18 +111,15 @@ def test_text_only_batch_guard_keeps_the_loss(tiny_model):
         torch.testing.assert_close(model(**guarded).loss, model(**plain).loss, rtol=1e-6, atol=1e-6)
 
 
-def test_video_as_frames_trains_and_a_video_file_without_decoder_names_the_record(tiny_model, tmp_path):
-    from vlm_recipes.data import ConversationDataset, DataError, load_records, media_kinds
+def test_video_as_frames_trains(tiny_model, tmp_path):
+    from vlm_recipes.data import ConversationDataset, load_records, media_kinds
 
     for k in range(4):
         Image.new("RGB", (64, 64), (60 * k, 0, 0)).save(tmp_path / f"frame{k}.png")
     frames = [f"frame{k}.png" for k in range(4)]
-    (tmp_path / "clip.mp4").write_bytes(b"not decodable here")
     records = [
         {"id": "frames", "video": frames, "conversations": [
             {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "it gets red"}]},
-        {"id": "file", "videos": ["clip.mp4"], "conversations": [
-            {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "nothing"}]},
     ]  # fmt: skip
     (tmp_path / "videos.json").write_text(json.dumps(records))
     path = tiny_model("qwen2.5-vl")
@@ -147,10 +144,39 @@ def test_video_as_frames_trains_and_a_video_file_without_decoder_names_the_recor
         optimizer.zero_grad()
         losses.append(loss.item())
     assert all(map(math.isfinite, losses)) and losses[-1] < 0.9 * losses[0], losses
-    decodable = any(importlib.util.find_spec(name) for name in ("torchcodec", "av", "decord", "cv2"))
-    if not decodable:
-        with pytest.raises(DataError, match=r"record #1 \(id file\)"):
-            dataset[1]
+
+
+def failing_video_decoder(monkeypatch):
+    """torchcodec as if installed, failing on the file as it does on one that is not a video."""
+    import transformers.video_processing_utils as processing
+    import transformers.video_utils as video_utils
+
+    def decode(*args, **kwargs):
+        raise RuntimeError("Could not open input file: Invalid data found when processing input")
+
+    monkeypatch.setattr(processing, "is_torchcodec_usable", lambda *args, **kwargs: True)
+    monkeypatch.setattr(video_utils, "is_torchcodec_available", lambda: True)
+    monkeypatch.setitem(video_utils.VIDEO_DECODERS, "torchcodec", decode)
+
+
+@pytest.mark.parametrize("decoder", ["as installed here", "one that fails on the file"])
+def test_a_video_file_that_cannot_be_decoded_names_the_record(tiny_model, tmp_path, monkeypatch, decoder):
+    """Whichever way decoding fails (no decoder installed: ImportError; torchcodec or decord on a broken file:
+    RuntimeError; PyAV: its ValueError), the error names the record and the run's preflight can list it."""
+    from vlm_recipes.data import ConversationDataset, DataError, load_records
+
+    if decoder == "one that fails on the file":
+        failing_video_decoder(monkeypatch)
+    (tmp_path / "clip.mp4").write_bytes(b"not a video")
+    records = [
+        {"id": "file", "videos": ["clip.mp4"], "conversations": [
+            {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "nothing"}]},
+    ]  # fmt: skip
+    (tmp_path / "videos.json").write_text(json.dumps(records))
+    processor = AutoProcessor.from_pretrained(tiny_model("qwen2.5-vl"))
+    dataset = ConversationDataset(load_records(str(tmp_path / "videos.json"), str(tmp_path)), processor, 256)
+    with pytest.raises(DataError, match=r"videos.json, record #0 \(id file\)"):
+        dataset[0]
 
 
 def recipe_args(model_dir, demo_data, output_dir, *extra):

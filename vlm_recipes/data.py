@@ -370,7 +370,7 @@ def problems_named_by(record: dict):
             f"{record['source']}: {error} Downscale the image beforehand (the model never sees more pixels than "
             "its image processor's size), or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
         ) from error
-    # ValueError: a SampleError, or an image processor refusing an image (a size it cannot resize);
-    # ImportError: no video decoder installed.
-    except (ValueError, OSError, ImportError) as error:
+    # ValueError: a SampleError, an image processor refusing an image (a size it cannot resize), PyAV failing on
+    # a video; ImportError: no video decoder installed; RuntimeError: torchcodec or decord failing on a video.
+    except (ValueError, OSError, ImportError, RuntimeError) as error:
         raise DataError(f"{record['source']}: {error}") from error

@@ -163,9 +163,10 @@ def arch_list_deepspeed_can_parse(environ=os.environ) -> str | None:
     return environ["TORCH_CUDA_ARCH_LIST"]
 
 
-def check_deepspeed_config(training_args, model_name_or_path: str) -> None:
+def check_deepspeed_config(training_args, model_name_or_path: str, trust_remote_code: bool = False) -> None:
     """Refuse, before any weights load, a DeepSpeed config that would silently override or contradict the
-    arguments: a scheduler block, or hard-coded values that differ from what the arguments imply. Also makes
+    arguments (a scheduler block, hard-coded values that differ from what the arguments imply) or that holds
+    credentials, listing every such problem in one error. Also makes
     TORCH_CUDA_ARCH_LIST one DeepSpeed can compile its ops for (arch_list_deepspeed_can_parse)."""
     from transformers import AutoConfig
 
@@ -181,13 +182,13 @@ def check_deepspeed_config(training_args, model_name_or_path: str) -> None:
             "architecture variants when it compiles its CUDA ops (deepspeedai/DeepSpeed#7589)"
         )
     config = json.loads(path.read_text())
+    problems = []  # every problem at once, so that one edit of the file fixes them all
     if secrets := secret_keys(config):
-        raise ConfigError(
-            f"{path} holds credentials ({', '.join(secrets)}): the Trainer pickles the DeepSpeed config into "
+        problems.append(
+            f"it holds credentials ({', '.join(secrets)}): the Trainer pickles the DeepSpeed config into "
             "training_args.bin in every checkpoint, and the run writes it to ds_config_resolved.json. Delete "
             "them and set them in the environment instead (DeepSpeed's comet monitor reads COMET_API_KEY)."
         )
-    problems = []  # every contradiction at once, so that one edit of the file fixes them all
     if "scheduler" in config and training_args.allow_deepspeed_scheduler:
         logger.warning(
             f"{path}: its {config['scheduler'].get('type')} scheduler replaces --lr_scheduler_type "
@@ -200,7 +201,7 @@ def check_deepspeed_config(training_args, model_name_or_path: str) -> None:
             f"--lr_scheduler_type {scheduler}. Delete the block: the Trainer then builds the scheduler your "
             "arguments name, and DeepSpeed steps it."
         )
-    model_config = AutoConfig.from_pretrained(model_name_or_path)
+    model_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     try:
         resolve_ds_config(
             path, training_args, model_config, training_args.world_size, max(training_args.max_steps, 1)

@@ -158,7 +158,7 @@ class ModelNotKnownOffline(ValueError):
     pass
 
 
-def load_model_config(name_or_path: str):
+def load_model_config(name_or_path: str, trust_remote_code: bool = False):
     """(display name, transformers config) for a short name or hub id of the recipes' default models (known
     offline), a local checkpoint folder, or any hub id when the hub is reachable."""
     from transformers import AutoConfig
@@ -170,7 +170,7 @@ def load_model_config(name_or_path: str):
         short, model = known
         return short, model.config()
     try:
-        return name_or_path, AutoConfig.from_pretrained(name_or_path)
+        return name_or_path, AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as error:
         raise ModelNotKnownOffline(
             f"cannot read the config of {name_or_path!r}: {error.__class__.__name__}. Offline, the planner knows "
@@ -816,7 +816,9 @@ def check_host_memory(
     available = meminfo_available_bytes()
     if available is None:
         return
-    name, config = load_model_config(model_name_or_path or model_args.model_name_or_path)
+    name, config = load_model_config(
+        model_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code
+    )
     shape = model_shape(name, config)
     setup = setup_from_arguments(model_args, data_args, training_args, image_tokens)
     hardware = hardware_from_environment(training_args)
