@@ -200,14 +200,13 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
             parameter.data.copy_(value)
 
 
-def assemble_model(vision_path: str, text_path: str, processor, model_args, training_args):
-    """A LLaVA-architecture model from a SigLIP encoder and a Phi LM, with a new projector."""
-    dtype = training_dtype(training_args)
+def assembled_config(vision_path: str, text_path: str, processor, trust_remote_code: bool) -> LlavaConfig:
+    """The config of the LLaVA-architecture model that stage 1 assembles from the two parts."""
     # LLaVA reads the encoder's hidden states, so SigLIP's pooling head is left out. Set on the config, not passed
     # as a keyword: transformers 5.17's SiglipVisionConfig has no such field and hands the keyword to the model.
     vision_config = SiglipVisionConfig.from_pretrained(vision_path)
     vision_config.vision_use_head = False
-    text_config = AutoConfig.from_pretrained(text_path, trust_remote_code=model_args.trust_remote_code)
+    text_config = AutoConfig.from_pretrained(text_path, trust_remote_code=trust_remote_code)
     text_config.vocab_size = max(text_config.vocab_size, len(processor.tokenizer))  # room for the new tokens
     text_config.pad_token_id = processor.tokenizer.pad_token_id
     config = LlavaConfig(
@@ -218,12 +217,20 @@ def assemble_model(vision_path: str, text_path: str, processor, model_args, trai
         vision_feature_select_strategy="full",
         projector_hidden_act="gelu",
     )
+    return config
+
+
+def assemble_model(
+    config: LlavaConfig, vision_path: str, text_path: str, processor, model_args, training_args
+):
+    """A LLaVA-architecture model from a SigLIP encoder and a Phi LM, with a new projector."""
+    dtype = training_dtype(training_args)
     # Built from the config after TrainingArguments exist: under ZeRO-3, zero.Init partitions it as it is created.
     model = AutoModelForImageTextToText.from_config(
         config, dtype=dtype, attn_implementation=model_args.attn_implementation
     )
     # The parts are loaded one at a time (partitioned too) and copied in, then dropped.
-    vision = SiglipVisionModel.from_pretrained(vision_path, config=vision_config, dtype=dtype)
+    vision = SiglipVisionModel.from_pretrained(vision_path, config=config.vision_config, dtype=dtype)
     copy_weights(vision, model.model.vision_tower)
     del vision
     language_model = AutoModelForCausalLM.from_pretrained(
@@ -283,6 +290,7 @@ def main():
     if assemble:
         check_part_types(vision_path, text_path, model_args.trust_remote_code)
         processor = build_processor(vision_path, text_path, model_args.trust_remote_code)
+        config = assembled_config(vision_path, text_path, processor, model_args.trust_remote_code)
     else:
         model_type = AutoConfig.from_pretrained(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
@@ -300,8 +308,9 @@ def main():
     # An offload config that needs more host RAM than the machine has fails here, not by the kernel's hand later;
     # the image tokens per sample are the processor's own, measured at its cap.
     check_host_memory(
-        training_args, model_args, data_args, text_path if assemble else None, image_tokens_at_cap(processor)
-    )
+        training_args, model_args, data_args, image_tokens=image_tokens_at_cap(processor),
+        model_config=(f"{vision_path} + {text_path}", config) if assemble else None,
+    )  # fmt: skip
     # ---- preflight: every record becomes a sample once, before any weights load -------------------------------
     train_dataset = preflight(
         ConversationDataset(train_records, processor, data_args.max_length),
@@ -322,7 +331,7 @@ def main():
 
     # The weights come last, once everything that can fail cheaply (arguments, data, configs) has been checked.
     if assemble:
-        model = assemble_model(vision_path, text_path, processor, model_args, training_args)
+        model = assemble_model(config, vision_path, text_path, processor, model_args, training_args)
     else:
         model = LlavaForConditionalGeneration.from_pretrained(  # MODEL-SPECIFIC: the model class
             model_args.model_name_or_path,

@@ -14,8 +14,6 @@ used to output_dir/ds_config_resolved.json.
 """
 
 import argparse
-import dataclasses
-import importlib.util
 import json
 import math
 import sys
@@ -26,7 +24,7 @@ import torch
 import yaml
 from transformers import AutoConfig
 
-from vlm_recipes.config import NO_DEEPSPEED, ConfigError, parse_recipe_args, pop_flag
+from vlm_recipes.config import NO_DEEPSPEED, ConfigError, parse_recipe_args, pop_flag, recipe_argument_classes
 from vlm_recipes.data import load_records
 from vlm_recipes.ds_config import (
     KNOWN_TEXT_HIDDEN_SIZES,
@@ -36,17 +34,6 @@ from vlm_recipes.ds_config import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def recipe_argument_classes(recipe_path: Path) -> tuple:
-    """The recipe's own argument dataclasses (e.g. Qwen's pixel caps), so its YAML keys parse here too."""
-    spec = importlib.util.spec_from_file_location(recipe_path.stem, recipe_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    classes = [
-        obj for obj in vars(module).values() if isinstance(obj, type) and dataclasses.is_dataclass(obj)
-    ]
-    return tuple(cls for cls in classes if cls.__module__ == module.__name__), module.DEFAULT_CONFIG
 
 
 def ds_config_path(accelerate_config: Path) -> Path:

@@ -22,7 +22,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# No test may reach the hub, in this process too (huggingface_hub reads this once, when first imported): offline,
+# a model id that is not local fails at once instead of after half a minute of retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402 - after the line above, which must come before huggingface_hub is imported
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE_CONFIG = REPO / "accelerate_configs" / "zero3_offload.yaml"
@@ -152,6 +157,19 @@ def run_script_here(script: str, args: list) -> None:
             runpy.run_path(str(REPO / "scripts" / script), run_name="__main__")
     finally:
         sys.argv = argv
+
+
+def run_here(path: str, args: list, monkeypatch) -> str:
+    """`python PATH ARGS` (a recipe or a script, relative to the repository) in this process, for a run that is
+    expected to stop early: what it raised or exited with, as text, or "finished"."""
+    monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
+    try:
+        runpy.run_path(str(REPO / path), run_name="__main__")
+    except (
+        BaseException
+    ) as error:  # SystemExit from argparse or a script's error exit, or the library's error
+        return f"{type(error).__name__}: {error}"
+    return "finished"
 
 
 @pytest.fixture(scope="session")
@@ -296,6 +314,32 @@ def assert_saved_equals_trained(model_class, output_dir, checkpoint: str, initia
     for name, tensor in trained.items():
         assert_equal_in_training_precision(reloaded[name], tensor, name)
     return changed_from(model_class, initial_dir, reloaded)
+
+
+def assert_planner_counts_what_the_run_trained(recipe: str, args: list, model_config_dir=None) -> None:
+    """The memory planner's trainable and total parameter counts for a recipe's arguments (memory.planned_run,
+    as the recipe's host-RAM check calls it) equal what the run trained (run_stats: requires_grad after the
+    recipe's freezing and PEFT). `model_config_dir`: where the config of a model the recipe assembles itself
+    was saved (CheXagent's stage 1). A recipe that freezes or adapts what the planner does not expect fails."""
+    from vlm_recipes.config import parse_recipe_args, pop_flag, recipe_argument_classes
+    from vlm_recipes.memory import load_model_config, parameter_split, planned_run
+    from vlm_recipes.run_stats import read_run_stats
+
+    own_classes, default_config = recipe_argument_classes(REPO / "recipes" / f"{recipe}.py")
+    _, argv = pop_flag([str(arg) for arg in args], "deepspeed")  # parsed here without DeepSpeed's set-up
+    model_args, data_args, training_args, *_ = parse_recipe_args(
+        default_config, [*argv, "--deepspeed", "none"], own_classes
+    )
+    model_config = load_model_config(str(model_config_dir)) if model_config_dir else None
+    shape, setup = planned_run(model_args, data_args, training_args, model_config=model_config)
+    trainable, frozen = parameter_split(shape, setup)
+    for rank in read_run_stats(training_args.output_dir):
+        counted = rank["parameter_elements_trainable"], rank["parameter_elements_total"]
+        assert counted == (trainable, trainable + frozen), (
+            setup.mode,
+            counted,
+            (trainable, trainable + frozen),
+        )
 
 
 def reload_complete(model_class, folder) -> dict:

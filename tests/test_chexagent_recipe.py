@@ -5,7 +5,6 @@ tiny Phi checkpoint and trains only the projector, stage 2 starts from stage 1's
 reloads with from_pretrained and answers held-out synthetic studies better than the untrained one. The two
 stages also run on CUDA in bf16 and fp16 (`make test-gpu`, marked gpu_e2e)."""
 
-import importlib.util
 import json
 import re
 import shutil
@@ -21,14 +20,15 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from tests.conftest import (
     NUM_PROCESSES,
     REPO,
+    assert_planner_counts_what_the_run_trained,
     assert_resolved_like_arguments,
     assert_saved_equals_trained,
     launch_recipe,
     logged_losses,
     pickle_that_touches,
     run_command,
+    run_here,
 )
-from vlm_recipes.config import ConfigError
 from vlm_recipes.data import ConversationDataset, DataError, load_records
 from vlm_recipes.masking import IGNORE_INDEX, tokenize_conversation
 
@@ -180,36 +180,33 @@ def test_16_bit_grayscale_xray_png_goes_through_the_dataset(tmp_path, tiny_model
 # ---- the recipe's own checks --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location("chexagent_recipe", REPO / "recipes" / "chexagent.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_model_sources_are_checked_before_any_weights(tiny_model, xray_data, tmp_path, monkeypatch):
+    """The recipe itself, run in this process on each wrong combination of model sources: it stops with the fix
+    before any model is built or any weights are read."""
+    from transformers import PreTrainedModel
 
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a model was loaded before the model sources were checked")
 
-def test_model_sources_are_checked_before_any_weights(recipe, tiny_model):
-    from vlm_recipes.config import ModelArguments
-
-    parts = tiny_model("chexagent")
-    assembly = recipe.AssemblyArguments(str(parts / "vision_encoder"), str(parts / "language_model"))
-    assert recipe.assembles(ModelArguments(model_name_or_path=""), assembly)
-    assert not recipe.assembles(
-        ModelArguments(model_name_or_path=str(parts)), recipe.AssemblyArguments("", "")
-    )
-    with pytest.raises(ConfigError, match="either --model_name_or_path .* not both"):
-        recipe.assembles(ModelArguments(model_name_or_path=str(parts)), assembly)
-    with pytest.raises(
-        ConfigError, match="needs both --vision_model_name_or_path and --text_model_name_or_path"
-    ):
-        recipe.assembles(
-            ModelArguments(model_name_or_path=""),
-            recipe.AssemblyArguments(assembly.vision_model_name_or_path),
-        )
-    with pytest.raises(ConfigError, match="run stage 1 .* first, then LoRA"):
-        recipe.assembles(ModelArguments(model_name_or_path="", use_lora=True), assembly)
-    with pytest.raises(ConfigError, match=r"got 'siglip' .* and 'llava'"):
-        recipe.check_part_types(assembly.vision_model_name_or_path, str(parts), trust_remote_code=False)
+    parts = tiny_model("chexagent")  # built before the spy is in place
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_weights))
+    monkeypatch.setattr(PreTrainedModel, "_from_config", classmethod(no_weights))
+    monkeypatch.chdir(REPO)
+    vision, text = ["--vision_model_name_or_path", parts / "vision_encoder"], ["--text_model_name_or_path", parts / "language_model"]  # fmt: skip
+    base = [
+        "--config", "recipes/configs/chexagent_stage1_demo.yaml", "--dataset_path", xray_data / "train.jsonl",
+        "--image_root", xray_data, "--output_dir", tmp_path / "out", "--deepspeed", "none",
+    ]  # fmt: skip
+    cases = {
+        "either --model_name_or_path .* not both": ["--model_name_or_path", parts, *vision, *text],
+        "needs both --vision_model_name_or_path and --text_model_name_or_path": [*vision, "--text_model_name_or_path", ""],
+        "run stage 1 .* first, then LoRA": [*vision, *text, "--use_lora", "true"],
+        "got 'siglip' .* and 'llava'": [*vision, "--text_model_name_or_path", parts],  # a whole LLaVA as the LM
+    }  # fmt: skip
+    for message, args in cases.items():
+        outcome = run_here("recipes/chexagent.py", [*base, *args], monkeypatch)
+        assert outcome.startswith("ConfigError") and re.search(message, outcome), (message, outcome)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- stage 1, then stage 2 from its output, both under 2-process ZeRO-3 offload -------------------------------
@@ -234,12 +231,12 @@ def stage1(tiny_model, xray_data, tmp_path_factory):
         "--vision_model_name_or_path", parts / "vision_encoder", "--text_model_name_or_path", parts / "language_model",
         "--max_steps", "6", "--warmup_steps", "1", "--logging_steps", "3", "--save_strategy", "steps", "--save_steps", "6",
     )  # fmt: skip
-    return output_dir, launch_recipe("chexagent.py", args)
+    return output_dir, launch_recipe("chexagent.py", args), args
 
 
 @pytest.fixture(scope="module")
 def stage2(stage1, xray_data):
-    stage1_dir, _ = stage1
+    stage1_dir, _, _ = stage1
     output_dir = stage1_dir.parent / "stage2"
     args = recipe_args(
         "chexagent_stage2_demo.yaml", xray_data, output_dir, "--model_name_or_path", stage1_dir,
@@ -247,13 +244,13 @@ def stage2(stage1, xray_data):
         "--warmup_steps", "5", "--logging_steps", "10", "--save_strategy", "steps", "--save_steps", "80",
     )  # fmt: skip
     launch_recipe("chexagent.py", args)
-    return output_dir
+    return output_dir, args
 
 
 @pytest.mark.distributed
 @pytest.mark.gpu_e2e
 def test_stage1_assembles_the_parts_and_trains_only_the_projector(stage1, tiny_model):
-    output_dir, result = stage1
+    output_dir, result, args = stage1
     config = json.loads((output_dir / "ds_config_resolved.json").read_text())
     assert_resolved_like_arguments(
         config, world_size=NUM_PROCESSES, micro=4, accumulation=2, learning_rate=2e-3
@@ -272,18 +269,24 @@ def test_stage1_assembles_the_parts_and_trains_only_the_projector(stage1, tiny_m
     assert saved.tokenizer.get_vocab() == reference.tokenizer.get_vocab()
     assert (saved.image_token_id, saved.patch_size, saved.vision_feature_select_strategy) == (512, 8, "full")
     assert "dropping the language model's output bias" in result.stdout + result.stderr
+    # the planner sees the assembled model as the recipe's host-RAM check does: its saved config
+    assert_planner_counts_what_the_run_trained("chexagent", args, model_config_dir=output_dir)
 
 
 @pytest.mark.distributed
 @pytest.mark.gpu_e2e
 def test_stage2_from_stage1_trains_projector_and_language_model(stage1, stage2):
-    stage1_dir, _ = stage1
-    losses = logged_losses(stage2)
+    stage1_dir, _, _ = stage1
+    stage2_dir, args = stage2
+    losses = logged_losses(stage2_dir)
     assert losses[80] < 0.5 * losses[10], losses
-    changed = assert_saved_equals_trained(LlavaForConditionalGeneration, stage2, "checkpoint-80", stage1_dir)
+    changed = assert_saved_equals_trained(
+        LlavaForConditionalGeneration, stage2_dir, "checkpoint-80", stage1_dir
+    )
     assert PROJECTOR <= changed
     assert any(name.startswith("model.language_model.") for name in changed) and "lm_head.weight" in changed
     assert not any("vision_tower" in name for name in changed)
+    assert_planner_counts_what_the_run_trained("chexagent", args)
 
 
 def blank_copy(data_dir: Path, to: Path) -> Path:
@@ -313,8 +316,8 @@ def held_out_accuracy(stage2, tiny_model, xray_data, tmp_path_factory):
 
     scores = {
         "untrained": accuracy(tiny_model("chexagent"), xray_data, "before"),
-        "trained": accuracy(stage2, xray_data, "after"),
-        "blank images": accuracy(stage2, blank_copy(xray_data, folder / "blank"), "blank"),
+        "trained": accuracy(stage2[0], xray_data, "after"),
+        "blank images": accuracy(stage2[0], blank_copy(xray_data, folder / "blank"), "blank"),
     }
     print(f"held-out accuracy: {scores}")
     return scores
@@ -346,7 +349,7 @@ def test_lora_from_stage1_saves_an_adapter_with_the_projector(stage1, xray_data)
 
     from vlm_recipes.inference import load_for_inference
 
-    stage1_dir, _ = stage1
+    stage1_dir, _, _ = stage1
     output_dir = stage1_dir.parent / "lora"
     args = recipe_args(
         "chexagent_lora.yaml", xray_data, output_dir, "--model_name_or_path", stage1_dir,

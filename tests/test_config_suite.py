@@ -8,12 +8,14 @@ configs and single_gpu also run on CUDA in bf16 and fp16 (`make test-gpu`, marke
 
 import json
 import os
+import runpy
 import stat
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 from transformers import LlavaForConditionalGeneration
 
 from tests.conftest import (
@@ -29,6 +31,7 @@ from tests.conftest import (
     run_command,
     with_precision,
 )
+from vlm_recipes.ds_config import auto_keys, get_dotted
 from vlm_recipes.memory import DEEPSPEED_CONFIGS  # every shipped DeepSpeed JSON, the planner's list
 from vlm_recipes.run_stats import read_run_stats
 
@@ -124,16 +127,42 @@ def test_other_accelerate_configs_train(tiny_llava, demo_data, tmp_path, config)
     assert_trained_and_sharded_as_configured(output_dir, changed, sharded=sharded, processes=processes)
 
 
-def test_show_ds_config_explains_each_auto_offline():
-    result = run_command([sys.executable, "scripts/show_ds_config.py", "--recipe", "llava", "--world_size", "8",
-                          "--", "--bf16", "true"])  # fmt: skip
-    out = result.stdout
-    assert (
-        "train_batch_size = 128    <- world size x per_device_train_batch_size x gradient_accumulation_steps"
-        in out
+def test_show_ds_config_explains_each_auto_offline(monkeypatch, capsys):
+    # In this process (the script's code, without importing torch again): llava.yaml on 8 GPUs in bf16, and one
+    # override, so that a value taken from the YAML instead of the command line would show.
+    monkeypatch.setattr(sys, "argv", ["scripts/show_ds_config.py", "--recipe", "llava", "--world_size", "8",
+                                      "--", "--bf16", "true", "--gradient_accumulation_steps", "2"])  # fmt: skip
+    runpy.run_path(str(REPO / "scripts" / "show_ds_config.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    explained = {}
+    for line in out.split('Where each "auto"', 1)[1].splitlines()[1:]:
+        if " = " in line and "    <- " in line:
+            key, rest = line.strip().split(" = ", 1)
+            value, source = rest.split("    <- ", 1)
+            explained[key] = (json.loads(value), source)
+    config = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    assert sorted(explained) == sorted(auto_keys(config))  # every "auto", each once
+    recipe = yaml.safe_load((REPO / "recipes" / "configs" / "llava.yaml").read_text())
+    micro, hidden = recipe["per_device_train_batch_size"], 4096  # llava-1.5-7b's text hidden size
+    expected = {
+        "fp16.enabled": False, "bf16.enabled": True,
+        "optimizer.params.lr": recipe["learning_rate"], "optimizer.params.betas": [0.9, 0.999],
+        "optimizer.params.eps": 1e-8, "optimizer.params.weight_decay": recipe["weight_decay"],
+        "zero_optimization.reduce_bucket_size": hidden * hidden,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,
+        "gradient_accumulation_steps": 2, "gradient_clipping": recipe["max_grad_norm"],
+        "train_batch_size": 8 * micro * 2, "train_micro_batch_size_per_gpu": micro,
+    }  # fmt: skip
+    assert {key: value for key, (value, _) in explained.items()} == expected
+    assert explained["train_batch_size"][1] == (
+        "world size x per_device_train_batch_size x gradient_accumulation_steps"
     )
-    assert "zero_optimization.reduce_bucket_size = 16777216" in out and "(hidden_size = 4096)" in out
-    assert "bf16.enabled = true" in out
+    assert "(hidden_size = 4096)" in explained["zero_optimization.reduce_bucket_size"][1]
+    # and the JSON it prints above is that config with those values in place
+    printed = json.loads(out.split("\n{", 1)[1].rsplit("\n}", 1)[0].join("{}"))
+    for key, value in expected.items():
+        assert get_dotted(printed, key) == value, key
 
 
 def fake_slurm_tools(bin_dir, gpus_per_node: int):

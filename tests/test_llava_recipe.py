@@ -23,6 +23,7 @@ from tests.conftest import (
     QUIET_ENV,
     REPO,
     RESUME_RTOL,
+    assert_planner_counts_what_the_run_trained,
     assert_resolved_like_arguments,
     assert_saved_equals_trained,
     launch_recipe,
@@ -44,6 +45,11 @@ def test_full_finetune_loss_falls(llava_zero3_run):
     losses = logged_losses(output_dir)
     assert sorted(losses) == [5, 10, 15, 20, 25, 30]
     assert losses[30] < 0.5 * losses[5], losses
+
+
+def test_the_memory_planner_counts_what_the_recipe_trains(llava_zero3_run):
+    _, args, _ = llava_zero3_run
+    assert_planner_counts_what_the_run_trained("llava", args)  # projector + language model
 
 
 @pytest.mark.gpu_e2e
@@ -205,6 +211,7 @@ def test_lora_saves_a_loadable_adapter(tiny_llava, demo_data, tmp_path):
     model, processor = load_for_inference(str(output_dir), device="cpu")
     assert isinstance(model, PeftModel)
     assert processor.tokenizer.padding_side == "left"
+    assert_planner_counts_what_the_run_trained("llava", args)  # adapters + the projector's trained copy
 
 
 def test_recipe_help_lists_hf_argument_names():

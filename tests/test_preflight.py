@@ -79,7 +79,11 @@ def test_validate_data_script(tiny_llava, faulty_dataset):
     command = [sys.executable, "scripts/validate_data.py", "--model_name_or_path", tiny_llava,
                "--dataset_path", faulty_dataset, "--image_root", faulty_dataset.parent, "--max_length", "128"]  # fmt: skip
     result = run_command(command, check=False)
-    assert result.returncode == 1 and "id corrupt" in result.stderr
+    assert result.returncode == 1
+    report = result.stderr
+    assert f"2 of 4 records of {faulty_dataset} cannot become training samples" in report
+    assert "record #1 (id corrupt)" in report and "record #2 (id no-answer-left)" in report  # every bad one
+    assert "good-1" not in report and "good-2" not in report  # and only those
 
 
 # ---- images against what the image processor does with them ---------------------------------------------------

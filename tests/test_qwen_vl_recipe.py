@@ -21,6 +21,7 @@ from tests.conftest import (
     NUM_PROCESSES,
     QUIET_ENV,
     REPO,
+    assert_planner_counts_what_the_run_trained,
     assert_resolved_like_arguments,
     assert_saved_equals_trained,
     launch_recipe,
@@ -218,6 +219,7 @@ def test_full_finetune_two_processes(tiny_model, demo_data, tmp_path, family):
     assert any(".merger." in name for name in changed)
     assert not any(name.startswith("model.visual.blocks") for name in changed)  # vision tower frozen
     assert any("language_model" in name for name in changed)
+    assert_planner_counts_what_the_run_trained("qwen_vl", args)
 
 
 @pytest.mark.distributed
@@ -241,6 +243,7 @@ def test_lora_adapter_holds_the_merger_and_loads(tiny_model, demo_data, tmp_path
     assert all(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)
     model, _ = load_for_inference(str(output_dir), device="cpu")
     assert isinstance(model, PeftModel)
+    assert_planner_counts_what_the_run_trained("qwen_vl", args)  # language and vision adapters + the merger
 
 
 def mixed_dataset(demo_data, path):

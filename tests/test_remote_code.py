@@ -5,16 +5,14 @@ module that creates a file when it is imported, so running it would show; the sa
 
 import ast
 import json
-import runpy
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_here
 
 REMOTE_MODULE = """
 from pathlib import Path
@@ -84,18 +82,6 @@ def entry_points(model: Path, adapter: Path, demo_data: Path, out: Path) -> dict
         "scripts/plan_memory.py": ["--model", model],
         "scripts/show_ds_config.py": ["--recipe", "llava", "--", "--model_name_or_path", model],
     }
-
-
-def run_here(path: str, args: list, monkeypatch) -> str:
-    """`python PATH ARGS` in this process; what it raised or exited with, as text (it is expected to fail)."""
-    monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
-    try:
-        runpy.run_path(str(REPO / path), run_name="__main__")
-    except (
-        BaseException
-    ) as error:  # SystemExit from argparse or a script's error exit, or the library's error
-        return f"{type(error).__name__}: {error}"
-    return "finished"
 
 
 @pytest.mark.parametrize("entry_point", list(entry_points(*[Path()] * 4)))

@@ -14,7 +14,9 @@ with the launcher's, else the run is refused before anything loads. `--deepspeed
 (single_gpu.yaml, multi_gpu.yaml: `make train` adds it for those).
 """
 
+import dataclasses
 import difflib
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -259,6 +261,18 @@ def single_process_environment(environ=os.environ) -> None:
         port = sock.getsockname()[1]
     environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     environ.setdefault("MASTER_PORT", str(port))
+
+
+def recipe_argument_classes(recipe_path: Path) -> tuple[tuple, Path]:
+    """(the recipe's own argument dataclasses, e.g. Qwen's pixel caps, its DEFAULT_CONFIG), so that its YAML and
+    arguments parse outside the recipe too (scripts/show_ds_config.py, the tests)."""
+    spec = importlib.util.spec_from_file_location(recipe_path.stem, recipe_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    classes = [
+        obj for obj in vars(module).values() if isinstance(obj, type) and dataclasses.is_dataclass(obj)
+    ]
+    return tuple(cls for cls in classes if cls.__module__ == module.__name__), module.DEFAULT_CONFIG
 
 
 def parse_recipe_args(default_config: Path, argv: list[str] | None = None, extra_classes: tuple = ()):

@@ -147,6 +147,8 @@ class ModelShape:
     language_linear_widths: dict = field(default_factory=dict)
     # The same for in_features alone (what an adapter's activations scale with), summed over all layers.
     language_linear_inputs: dict = field(default_factory=dict)
+    # (in_features + out_features) of the vision tower's linear layers, by layer name: its LoRA adapters.
+    vision_linear_widths: dict = field(default_factory=dict)
     param_numels: tuple = ()  # every parameter's size (ZeRO-3 keeps the small ones gathered)
 
     @property
@@ -211,15 +213,17 @@ def model_shape(name: str, config) -> ModelShape:
         for module in model.modules()
         if type(module).__name__ in block_classes
     ]
-    language_linear_widths, language_linear_inputs = {}, {}
+    language_linear_widths, language_linear_inputs, vision_linear_widths = {}, {}, {}
     for module_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module_role(module_name) == "language":
-            if module_name.endswith("lm_head"):
-                continue
-            leaf = module_name.rsplit(".", 1)[-1]
-            width = module.in_features + module.out_features
+        if not isinstance(module, torch.nn.Linear) or module_name.endswith("lm_head"):
+            continue
+        leaf, role = module_name.rsplit(".", 1)[-1], module_role(module_name)
+        width = module.in_features + module.out_features
+        if role == "language":
             language_linear_widths[leaf] = language_linear_widths.get(leaf, 0) + width
             language_linear_inputs[leaf] = language_linear_inputs.get(leaf, 0) + module.in_features
+        elif role == "vision":
+            vision_linear_widths[leaf] = vision_linear_widths.get(leaf, 0) + width
     text = getattr(config, "text_config", None) or config
     vision = getattr(config, "vision_config", None)
     heads = text.num_attention_heads
@@ -247,6 +251,7 @@ def model_shape(name: str, config) -> ModelShape:
         default_image_tokens=image_tokens_for(vision),
         language_linear_widths=language_linear_widths,
         language_linear_inputs=language_linear_inputs,
+        vision_linear_widths=vision_linear_widths,
         param_numels=tuple(sorted(p.numel() for p in model.parameters())),
     )
 
@@ -292,6 +297,7 @@ class TrainingSetup:
     train_language_model: bool = True
     lora_r: int = 0  # > 0: LoRA adapters on the language model's `lora_targets` (its base weights frozen)
     lora_targets: tuple = DEFAULT_LORA_TARGETS
+    lora_vision_targets: tuple = ()  # with lora_r: adapters on these linear layers of the vision tower too
     micro_batch: int = 4
     seq_len: int = 2048  # tokens per sample, image tokens included
     image_tokens: int | None = None  # per sample; None: one image at the model's default size
@@ -323,7 +329,9 @@ class TrainingSetup:
 
 def lora_params(shape: ModelShape, setup: TrainingSetup) -> int:
     # PEFT's LoRA adds A (r x in) and B (out x r) to each targeted linear layer.
-    return setup.lora_r * sum(shape.language_linear_widths.get(name, 0) for name in setup.lora_targets)
+    language = sum(shape.language_linear_widths.get(name, 0) for name in setup.lora_targets)
+    vision = sum(shape.vision_linear_widths.get(name, 0) for name in setup.lora_vision_targets)
+    return setup.lora_r * (language + vision)
 
 
 def parameter_split(shape: ModelShape, setup: TrainingSetup) -> tuple[int, int]:
@@ -772,6 +780,7 @@ def setup_from_arguments(
         train_language_model=not model_args.freeze_language_model,
         lora_r=model_args.lora_r if model_args.use_lora else 0,
         lora_targets=tuple(model_args.lora_target_modules),
+        lora_vision_targets=tuple(model_args.lora_vision_target_modules) if model_args.use_lora else (),
         micro_batch=training_args.per_device_train_batch_size,
         seq_len=data_args.max_length or 2048,
         gradient_checkpointing=training_args.gradient_checkpointing,
@@ -794,17 +803,29 @@ def host_estimate_for_run(ds_path: Path, shape, setup, hardware) -> ConfigEstima
     return estimate(ds_path.stem, shape, setup, hardware, ds_config=json.loads(ds_path.read_text()))
 
 
+def planned_run(
+    model_args, data_args, training_args, image_tokens: int | None = None, model_config: tuple | None = None
+) -> tuple[ModelShape, TrainingSetup]:
+    """The model's shape and what the run trains, as the planner sees a recipe's run: from --model_name_or_path's
+    config, or `model_config` ((display name, transformers config)) for a model the recipe builds itself, and the
+    freezing and LoRA arguments."""
+    name, config = model_config or load_model_config(
+        model_args.model_name_or_path, model_args.trust_remote_code
+    )
+    return model_shape(name, config), setup_from_arguments(model_args, data_args, training_args, image_tokens)
+
+
 def check_host_memory(
     training_args,
     model_args,
     data_args,
-    model_name_or_path: str | None = None,
     image_tokens: int | None = None,
+    model_config: tuple | None = None,
 ) -> None:
     """Refuse, before any weights load, a DeepSpeed offload config whose host-RAM need on this node exceeds
     MemAvailable, instead of letting the kernel kill the run later. `--skip_memory_check true` skips it.
     `image_tokens`: per sample, as the run's processor makes them (masking.image_tokens_at_cap); None: the
-    config's default."""
+    config's default. `model_config`: see `planned_run`."""
     from vlm_recipes.config import ConfigError
     from vlm_recipes.ds_config import ds_config_in_use
 
@@ -816,11 +837,7 @@ def check_host_memory(
     available = meminfo_available_bytes()
     if available is None:
         return
-    name, config = load_model_config(
-        model_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code
-    )
-    shape = model_shape(name, config)
-    setup = setup_from_arguments(model_args, data_args, training_args, image_tokens)
+    shape, setup = planned_run(model_args, data_args, training_args, image_tokens, model_config)
     hardware = hardware_from_environment(training_args)
     run_estimate = host_estimate_for_run(ds_path, shape, setup, hardware)
     # On a CPU-only run the "GPU" share is host memory too.
@@ -836,7 +853,7 @@ def check_host_memory(
         "fewer parameters (--use_lora true, or freeze more: only trainable ones carry optimizer state); more "
         "nodes (ZeRO-3 divides the offloaded states among them); ds_configs/zero3.json if the GPUs can hold the "
         "states; a machine with more RAM. To compare every config for your GPUs: python scripts/plan_memory.py "
-        f"--model {model_name_or_path or model_args.model_name_or_path} --gpus {hardware.gpus_per_node} "
+        f"--model {model_args.model_name_or_path or '<a folder with the assembled config.json>'} --gpus {hardware.gpus_per_node} "
         f"--nodes {hardware.nodes} --host_ram_gib {available / GIB:.0f}. --skip_memory_check true runs anyway."
     )
 

@@ -1,8 +1,8 @@
 """What a run cost: wall time per optimizer step, GPU memory peaks and host memory peaks, for every rank.
 
 Every recipe adds `RunStatsCallback`. At the end of training each rank writes output_dir/run_stats/rank<N>.json
-(steps run in this launch, step times, memory peaks, and how many parameter elements the rank owns: its shard
-under ZeRO-3 and FSDP2) and rank 0 prints one summary line. scripts/benchmark.py reads these files, and the memory
+(steps run in this launch, step times, memory peaks, how many parameter elements the model has, how many it
+trains, and how many the rank owns: its shard under ZeRO-3 and FSDP2) and rank 0 prints one summary line. scripts/benchmark.py reads these files, and the memory
 planner's tests compare its estimates against them, so a benchmark row and a user's run are measured by the same
 code.
 """
@@ -61,18 +61,21 @@ class HostMemorySampler(threading.Thread):
         return self.peak_kib
 
 
-def parameter_elements(model: torch.nn.Module) -> tuple[int, int]:
-    """(elements of the parameters this rank owns, elements of the whole model). Under ZeRO-3 a rank owns its
-    partition (ds_tensor), under FSDP2 its shard of each DTensor; otherwise every parameter, whole."""
-    owned = total = 0
+def parameter_elements(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(elements of the parameters this rank owns, elements of the whole model, of those the trainable ones).
+    Under ZeRO-3 a rank owns its partition (ds_tensor), under FSDP2 its shard of each DTensor; otherwise every
+    parameter, whole. The trainable count is what the run really trains, whatever froze or adapted it."""
+    owned = total = trainable = 0
     for parameter in model.parameters():
         if hasattr(parameter, "ds_tensor"):  # ZeRO-3: the full tensor is gathered only around its use
-            owned, total = owned + parameter.ds_tensor.numel(), total + parameter.ds_numel
+            mine, whole = parameter.ds_tensor.numel(), parameter.ds_numel
         elif hasattr(parameter, "to_local"):  # FSDP2: a DTensor sharded across the ranks
-            owned, total = owned + parameter.to_local().numel(), total + parameter.numel()
+            mine, whole = parameter.to_local().numel(), parameter.numel()
         else:
-            owned, total = owned + parameter.numel(), total + parameter.numel()
-    return owned, total
+            mine = whole = parameter.numel()
+        owned, total = owned + mine, total + whole
+        trainable += whole if parameter.requires_grad else 0
+    return owned, total, trainable
 
 
 class RunStatsCallback(TrainerCallback):
@@ -87,7 +90,7 @@ class RunStatsCallback(TrainerCallback):
         self.baseline_used_kib = 0
         self.profiler = None
         self.profiled_steps: list[int] = []
-        self.parameters_owned = self.parameters_total = 0
+        self.parameters_owned = self.parameters_total = self.parameters_trainable = 0
 
     def synchronize(self):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -119,7 +122,9 @@ class RunStatsCallback(TrainerCallback):
         if len(self.step_times) == 1 and model is not None:
             # After a step the model is the one DeepSpeed or FSDP2 runs (the Trainer hands it to FSDP2 only after
             # on_train_begin): what this rank holds of it.
-            self.parameters_owned, self.parameters_total = parameter_elements(model)
+            self.parameters_owned, self.parameters_total, self.parameters_trainable = parameter_elements(
+                model
+            )
         if self.profiler and len(self.step_times) == self.warmup_steps + PROFILED_STEPS:
             self.profiler.__exit__(None, None, None)  # its tables are written at the end, outside the timing
             self.profiled_steps = list(range(self.warmup_steps, self.warmup_steps + PROFILED_STEPS))
@@ -151,6 +156,7 @@ class RunStatsCallback(TrainerCallback):
             "steps": len(self.step_times),
             "parameter_elements_owned": self.parameters_owned,
             "parameter_elements_total": self.parameters_total,
+            "parameter_elements_trainable": self.parameters_trainable,
             "step_times_s": [round(t, 4) for t in self.step_times],
             "median_step_time_s": statistics.median(self.steady_step_times() or self.step_times or [0.0]),
             "warmup_steps_excluded": self.warmup_steps,
