@@ -172,6 +172,22 @@ def run_here(path: str, args: list, monkeypatch) -> str:
     return "finished"
 
 
+@pytest.fixture
+def run_in_process(monkeypatch, capsys):
+    """run_in_process(path, *args) -> (outcome, stdout, stderr): `python PATH ARGS` for a script of this repository,
+    run in the test's process (`run_here`), with what it printed. Saves the ~8 s a fresh interpreter spends
+    importing torch and transformers on CI's machine; logging handlers made before the call still write to the
+    real stderr, so only printed text is captured."""
+
+    def run(path: str, *args) -> tuple[str, str, str]:
+        capsys.readouterr()
+        outcome = run_here(path, list(args), monkeypatch)
+        captured = capsys.readouterr()
+        return outcome, captured.out, captured.err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model("qwen2.5-vl") -> the folder of that family's tiny model, built once per session."""

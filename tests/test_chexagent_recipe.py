@@ -8,7 +8,6 @@ stages also run on CUDA in bf16 and fp16 (`make test-gpu`, marked gpu_e2e)."""
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,8 @@ from tests.conftest import (
     launch_recipe,
     logged_losses,
     pickle_that_touches,
-    run_command,
     run_here,
+    run_script_here,
 )
 from vlm_recipes.data import ConversationDataset, DataError, load_records
 from vlm_recipes.masking import IGNORE_INDEX, tokenize_conversation
@@ -61,8 +60,9 @@ def image_root(tmp_path):
 @pytest.fixture(scope="module")
 def xray_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("xray")
-    command = [sys.executable, "scripts/make_xray_demo_data.py", "--output_dir", path]
-    run_command([*command, "--num_train", "240", "--num_test", "40"])
+    run_script_here(
+        "make_xray_demo_data.py", ["--output_dir", path, "--num_train", "240", "--num_test", "40"]
+    )
     return path
 
 
@@ -307,12 +307,15 @@ def held_out_accuracy(stage2, tiny_model, xray_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("evaluate")
 
     def accuracy(model_dir, data_dir, name):
-        result = run_command([
-            sys.executable, "scripts/evaluate.py", "--model_name_or_path", model_dir,
-            "--dataset_path", data_dir / "test.jsonl", "--image_root", data_dir,
-            "--predictions_file", folder / f"{name}.jsonl",
+        # scripts/evaluate.py, run in this process; its per-record predictions file is scored here
+        predictions = folder / f"{name}.jsonl"
+        run_script_here("evaluate.py", [
+            "--model_name_or_path", model_dir, "--dataset_path", data_dir / "test.jsonl", "--image_root", data_dir,
+            "--predictions_file", predictions,
         ])  # fmt: skip
-        return json.loads(result.stdout.strip().splitlines()[-1])["accuracy"]
+        scored = [json.loads(line)["correct"] for line in predictions.read_text().splitlines()]
+        assert len(scored) == 40  # every held-out study
+        return sum(scored) / len(scored)
 
     scores = {
         "untrained": accuracy(tiny_model("chexagent"), xray_data, "before"),

@@ -22,13 +22,16 @@ from tests.conftest import (
     NUM_PROCESSES,
     QUIET_ENV,
     REPO,
+    assert_equal_in_training_precision,
     assert_saved_equals_trained,
     assert_saved_is_complete_and_moved,
     free_port,
     launch_recipe,
     logged_losses,
+    reload_complete,
     requires_processes,
     run_command,
+    run_here,
     with_precision,
 )
 from vlm_recipes.ds_config import auto_keys, get_dotted
@@ -89,7 +92,7 @@ def assert_trained_and_sharded_as_configured(
     "config", [pytest.param(c, marks=pytest.mark.extended) if c in VARIANTS else c for c in DEEPSPEED_CONFIGS]
 )
 def test_deepspeed_config_trains_and_show_ds_config_matches_the_run(
-    tiny_llava, demo_data, tmp_path, config, request
+    tiny_llava, demo_data, tmp_path, config, request, monkeypatch, capsys
 ):
     # the shared config: the tiny LLaVA's shared run (tests/conftest.py), no launch of its own
     if config == "zero3_offload":
@@ -105,12 +108,23 @@ def test_deepspeed_config_trains_and_show_ds_config_matches_the_run(
     # full weights whatever the ZeRO stage, every tensor there, equal to what DeepSpeed's optimizer trained
     changed = assert_saved_equals_trained(LlavaForConditionalGeneration, output_dir, checkpoint, tiny_llava)
     assert_trained_and_sharded_as_configured(output_dir, changed, sharded=config.startswith("zero3"))
+    if config != "zero3_offload":  # the shared run's shards: tests/test_after_training.py converts them
+        # scripts/zero_to_hf.py on this stage's shards gives the model the run saved
+        converted = tmp_path / "converted"
+        outcome = run_here("scripts/zero_to_hf.py", [output_dir / checkpoint, converted], monkeypatch)
+        assert outcome == "finished", outcome
+        saved = reload_complete(LlavaForConditionalGeneration, output_dir)
+        for name, tensor in reload_complete(LlavaForConditionalGeneration, converted).items():
+            assert_equal_in_training_precision(tensor, saved[name], name)
     used = json.loads((output_dir / "ds_config_resolved.json").read_text())
-    shown = run_command(
-        [sys.executable, "scripts/show_ds_config.py", "--recipe", "llava", "--world_size", NUM_PROCESSES, "--json",
-         "--accelerate_config", f"accelerate_configs/{config}.yaml", "--", *with_precision(args)]
-    )  # fmt: skip
-    assert json.loads(shown.stdout) == used
+    # scripts/show_ds_config.py for the same arguments, run in this process: the config the run used
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", [
+        "scripts/show_ds_config.py", "--recipe", "llava", "--world_size", str(NUM_PROCESSES), "--json",
+        "--accelerate_config", f"accelerate_configs/{config}.yaml", "--", *map(str, with_precision(args)),
+    ])  # fmt: skip
+    runpy.run_path(str(REPO / "scripts" / "show_ds_config.py"), run_name="__main__")
+    assert json.loads(capsys.readouterr().out) == used
 
 
 @pytest.mark.parametrize("config", OTHER_CONFIGS)

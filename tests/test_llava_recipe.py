@@ -23,6 +23,7 @@ from tests.conftest import (
     QUIET_ENV,
     REPO,
     RESUME_RTOL,
+    assert_equal_in_training_precision,
     assert_planner_counts_what_the_run_trained,
     assert_resolved_like_arguments,
     assert_saved_equals_trained,
@@ -32,6 +33,7 @@ from tests.conftest import (
     recipe_command,
     requires_processes,
     run_command,
+    run_here,
 )
 from vlm_recipes.run_stats import read_run_stats
 from vlm_recipes.training import CHECKPOINT_COMPLETE, is_complete_checkpoint
@@ -187,7 +189,11 @@ def test_finished_output_dir_is_not_overwritten(llava_zero3_run):
 
 
 @pytest.mark.gpu_e2e
-def test_lora_saves_a_loadable_adapter(tiny_llava, demo_data, tmp_path):
+def test_lora_adapter_is_saved_and_loaded_by_the_after_training_scripts(
+    tiny_llava, demo_data, tmp_path, monkeypatch, capsys
+):
+    """The LoRA run's adapter: trained, with the projector; infer.py and evaluate.py load it on its base;
+    zero_to_hf.py turns the run's ZeRO-3 checkpoint into the same adapter."""
     from peft import PeftModel
 
     from vlm_recipes.inference import load_for_inference
@@ -198,7 +204,8 @@ def test_lora_saves_a_loadable_adapter(tiny_llava, demo_data, tmp_path):
     args += [
         "--max_steps", "10", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
         "--learning_rate", "2e-3", "--lora_r", "8", "--lora_alpha", "16", "--max_length", "128",
-        "--save_strategy", "no", "--report_to", "none", "--dataloader_num_workers", "0", "--logging_steps", "5",
+        "--save_strategy", "steps", "--save_steps", "10", "--report_to", "none", "--dataloader_num_workers", "0",
+        "--logging_steps", "5",
     ]  # fmt: skip
     launch_recipe("llava.py", args)
     assert (output_dir / "adapter_config.json").is_file()
@@ -213,12 +220,34 @@ def test_lora_saves_a_loadable_adapter(tiny_llava, demo_data, tmp_path):
     assert processor.tokenizer.padding_side == "left"
     assert_planner_counts_what_the_run_trained("llava", args)  # adapters + the projector's trained copy
 
-
-def test_recipe_help_lists_hf_argument_names():
-    result = subprocess.run(
-        [sys.executable, "recipes/llava.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    # the scripts of the README's "After training", each run in this process
+    capsys.readouterr()
+    question = ["--prompt", "What color is the shape? Answer with one word.", "--max_new_tokens", "4"]
+    image = ["--image", demo_data / "images" / "test_0000.png"]
+    assert (
+        run_here("scripts/infer.py", ["--model_name_or_path", output_dir, *image, *question], monkeypatch)
+        == "finished"
     )
-    assert result.returncode == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("answer:")
+    predictions = tmp_path / "predictions.jsonl"
+    evaluate = ["--model_name_or_path", output_dir, "--dataset_path", demo_data / "test.json",
+                "--image_root", demo_data, "--predictions_file", predictions]  # fmt: skip
+    assert run_here("scripts/evaluate.py", evaluate, monkeypatch) == "finished"
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n"] == 16 and len(predictions.read_text().splitlines()) == 16  # every held-out record
+    converted = tmp_path / "converted"
+    outcome = run_here("scripts/zero_to_hf.py", [output_dir / "checkpoint-10", converted], monkeypatch)
+    assert outcome == "finished", outcome
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kind"] == "PEFT adapter"
+    reconverted = load_file(converted / "adapter_model.safetensors")
+    assert set(reconverted) == set(adapter)
+    for name, tensor in adapter.items():
+        assert_equal_in_training_precision(reconverted[name], tensor, name)
+
+
+def test_recipe_help_lists_hf_argument_names(run_in_process):
+    outcome, out, _ = run_in_process("recipes/llava.py", "--help")
+    assert outcome in ("finished", "SystemExit: 0"), outcome
     for name in ("--model_name_or_path", "--dataset_path", "--image_root", "--freeze_vision_tower", "--use_lora",
                  "--per_device_train_batch_size", "--overwrite_output_dir"):  # fmt: skip
-        assert name in result.stdout
+        assert name in out

@@ -4,6 +4,8 @@ micro-batches that the others compute side by side, on the same seeded sample or
 floating-point sums differs. Runs over gloo on a CPU and, in `make test-gpu`, over NCCL on the GPUs."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -31,23 +33,42 @@ RECIPES = {
 }
 
 
+def with_two_bad_records(demo_data, root) -> Path:
+    """The demo training data with two records whose images do not decode, at positions 1 and 2 (with 2
+    processes, one in each process's share of the preflight), under a copy of its image folder."""
+    shutil.copytree(demo_data / "images", root / "images")
+    (root / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    records = json.loads((demo_data / "train.json").read_text())
+    for position, name in ((1, "broken-1"), (2, "broken-2")):
+        records.insert(position, {**records[0], "id": name, "image": "images/broken.png"})
+    (root / "train.json").write_text(json.dumps(records))
+    return root
+
+
 @requires_processes(2, "compares one process with several")
 # Qwen's parity (two more launches) runs in `make test-extended` and `make test-gpu`.
 @pytest.mark.parametrize("recipe", ["llava", pytest.param("qwen_vl", marks=pytest.mark.extended)])
 def test_one_and_several_processes_follow_the_same_loss_curve(recipe, tiny_model, demo_data, tmp_path):
+    """Also `--skip_bad_records true` under several processes: if the processes kept different records, their
+    samples (and so the losses) would differ from the one process's."""
     family, yaml = RECIPES[recipe]
+    data = with_two_bad_records(demo_data, tmp_path / "data")
     losses = {}
     for processes in (1, NUM_PROCESSES):
         output_dir = tmp_path / f"{processes}-processes"
         args = [
-            "--config", yaml, "--model_name_or_path", tiny_model(family),
-            "--dataset_path", demo_data / "train.json", "--image_root", demo_data, "--output_dir", output_dir,
+            "--config", yaml, "--model_name_or_path", tiny_model(family), "--skip_bad_records", "true",
+            "--dataset_path", data / "train.json", "--image_root", data, "--output_dir", output_dir,
             "--max_steps", STEPS, "--per_device_train_batch_size", 2,
             "--gradient_accumulation_steps", NUM_PROCESSES // processes,  # the same global batch either way
             "--learning_rate", "1e-3", "--logging_steps", 1, "--save_strategy", "no",
             "--bf16", "false", "--fp16", "false",  # fp32, whatever VLM_TEST_PRECISION says (see PARITY_RTOL)
         ]  # fmt: skip
-        launch_recipe(f"{recipe}.py", args, num_processes=processes)
+        result = launch_recipe(f"{recipe}.py", args, num_processes=processes)
+        skipped = [line for line in result.stdout.splitlines() if line.startswith("preflight: skipping")]
+        # listed once, by process 0, with the records each process checked when there are several
+        expected = f"preflight: skipping 2 of 98 records of {data / 'train.json'}"
+        assert len(skipped) == 1 and skipped[0].startswith(expected), skipped
         losses[processes] = logged_losses(output_dir)
         # DeepSpeed's "auto" values follow the world size of each run (one process included)
         assert_resolved_like_arguments(

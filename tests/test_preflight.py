@@ -75,12 +75,12 @@ def test_recipe_stops_on_bad_records_before_loading_weights(tiny_llava, faulty_d
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_validate_data_script(tiny_llava, faulty_dataset):
-    command = [sys.executable, "scripts/validate_data.py", "--model_name_or_path", tiny_llava,
-               "--dataset_path", faulty_dataset, "--image_root", faulty_dataset.parent, "--max_length", "128"]  # fmt: skip
-    result = run_command(command, check=False)
-    assert result.returncode == 1
-    report = result.stderr
+def test_validate_data_script(tiny_llava, faulty_dataset, run_in_process):
+    outcome, _, report = run_in_process(
+        "scripts/validate_data.py", "--model_name_or_path", tiny_llava, "--dataset_path", faulty_dataset,
+        "--image_root", faulty_dataset.parent, "--max_length", "128",
+    )  # fmt: skip
+    assert outcome == "SystemExit: 1"
     assert f"2 of 4 records of {faulty_dataset} cannot become training samples" in report
     assert "record #1 (id corrupt)" in report and "record #2 (id no-answer-left)" in report  # every bad one
     assert "good-1" not in report and "good-2" not in report  # and only those
