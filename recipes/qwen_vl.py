@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from vlm_recipes.attention import PACKED_VISION_ATTENTION, use_packed_vision_attention
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
-from vlm_recipes.data import ConversationDataset, load_records, media_kinds
+from vlm_recipes.data import ConversationDataset, media_kinds, read_records
 from vlm_recipes.ds_config import check_deepspeed_config
 from vlm_recipes.masking import PROBE_SIDE, image_tokens_at_cap, media_tokens_for
 from vlm_recipes.memory import check_host_memory
@@ -120,21 +120,22 @@ def main():
     check_deepspeed_config(training_args, model_args.model_name_or_path, model_args.trust_remote_code)
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------
-    train_records = load_records(
+    # Records that cannot be read are listed by the preflight with the problems it finds: one run, every problem.
+    train_records, unread_train = read_records(
         data_args.dataset_path,
         data_args.image_root,
         data_args.dataset_split,
         data_args.allow_images_outside_root,
     )
-    eval_records = (
-        load_records(
+    eval_records, unread_eval = (
+        read_records(
             data_args.eval_dataset_path,
             data_args.image_root,
             "validation",
             data_args.allow_images_outside_root,
         )
         if data_args.eval_dataset_path
-        else None
+        else (None, [])
     )
 
     # ---- model + processor ------------------------------------------------------------------------------------
@@ -159,6 +160,7 @@ def main():
         data_args.dataset_path,
         data_args.skip_bad_records,
         training_args.dataloader_num_workers,
+        unread=unread_train,
     )
     eval_dataset = (
         preflight(
@@ -166,8 +168,9 @@ def main():
             data_args.eval_dataset_path,
             data_args.skip_bad_records,
             training_args.dataloader_num_workers,
+            unread=unread_eval,
         )
-        if eval_records
+        if eval_records is not None
         else None
     )
 

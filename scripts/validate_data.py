@@ -18,7 +18,7 @@ import sys
 
 from transformers import AutoProcessor
 
-from vlm_recipes.data import ConversationDataset, DataError, load_records
+from vlm_recipes.data import ConversationDataset, DataError, read_records
 from vlm_recipes.preflight import preflight
 
 
@@ -46,7 +46,8 @@ def main() -> None:
     if (args.min_pixels is None) != (args.max_pixels is None):
         parser.error("give both --min_pixels and --max_pixels (the run's values, as in its YAML), or neither")
     try:
-        records = load_records(
+        # Records that cannot be read are listed with the preflight's problems: one run shows every problem.
+        records, unread = read_records(
             args.dataset_path, args.image_root, args.dataset_split, args.allow_images_outside_root
         )
         # Qwen's image processors take the pixel caps as their size, and Qwen2/2.5-VL checkpoints' top-level
@@ -64,7 +65,7 @@ def main() -> None:
             args.model_name_or_path, trust_remote_code=args.trust_remote_code, **caps
         )
         preflight(ConversationDataset(records, processor, args.max_length), args.dataset_path,
-                  num_workers=args.num_workers)  # fmt: skip
+                  num_workers=args.num_workers, unread=unread)  # fmt: skip
     except DataError as error:
         print(error, file=sys.stderr)
         sys.exit(1)

@@ -86,6 +86,50 @@ def test_validate_data_script(tiny_llava, faulty_dataset, run_in_process):
     assert "good-1" not in report and "good-2" not in report  # and only those
 
 
+def test_validate_data_finds_every_problem_of_a_mixed_bad_dataset_in_one_run(
+    tiny_llava, tmp_path, run_in_process
+):
+    """Problems found when reading a record (malformed line, missing images, placeholder count) and when decoding
+    and tokenizing it (truncated PNG, a text file named .png, no answer left) are listed together: one run, one
+    list, every bad record with all that is wrong with it."""
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "good.png")
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "whole.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    (tmp_path / "notes.png").write_text("these are my notes, not an image")
+    two_images = {**record("two-missing", "gone-1.png"), "image": ["gone-1.png", "gone-2.png"]}
+    two_images["conversations"][0]["value"] = "<image>\n<image>\nWhat color are they?"
+    lines = [
+        json.dumps(record("good-1", "good.png")),
+        '{"id": "broken", "image": "good.png", "conversations": [',
+        json.dumps(record("missing", "gone.png")),
+        json.dumps(two_images),
+        json.dumps(record("truncated", "truncated.png")),
+        json.dumps(record("text", "notes.png")),
+        json.dumps(record("no-answer-left", "good.png", question=" ".join(["color"] * 200))),
+        json.dumps(record("placeholders", "good.png", question="<image>\nand again <image>")),
+        json.dumps(record("good-2", "good.png")),
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    outcome, _, report = run_in_process(
+        "scripts/validate_data.py", "--model_name_or_path", tiny_llava, "--dataset_path", tmp_path / "train.jsonl",
+        "--image_root", tmp_path, "--max_length", "128",
+    )  # fmt: skip
+    assert outcome == "SystemExit: 1"
+    assert f"7 of 9 records of {tmp_path / 'train.jsonl'} cannot become training samples" in report, report
+    listed = {line.strip() for line in report.splitlines() if ", record " in line}
+    expected = {  # the record's label, and what the line must say
+        "at line 2": "malformed JSON", "(id missing)": "gone.png does not exist",
+        "(id truncated)": "truncated.png", "(id text)": "notes.png", "(id no-answer-left)": "no assistant tokens",
+        "(id placeholders)": "placeholder",
+    }  # fmt: skip
+    for label, says in expected.items():
+        assert any(label in line and says in line for line in listed), (label, says, report)
+    both = [line for line in listed if "(id two-missing)" in line]
+    assert len(both) == 1 and "gone-1.png" in both[0] and "gone-2.png" in both[0], report  # both, in one line
+    assert not any("good-" in line for line in listed)
+    assert len(listed) == 7, report
+
+
 # ---- images against what the image processor does with them ---------------------------------------------------
 
 

@@ -8,7 +8,9 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
+import time
 
 import psutil
 import pytest
@@ -298,12 +300,22 @@ def test_without_the_guard_a_rank_with_only_text_batches_breaks_the_run(tiny_mod
             model_dir, demo_data, tmp_path / "unguarded", *common, "--guard_text_only_batches", "false"
         ),
     )
-    control = subprocess.Popen(command, cwd=REPO, env={**os.environ, **QUIET_ENV},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log = tmp_path / "unguarded.log"  # the Trainer's progress bar goes to stderr: "3/8 [..."
+
+    def steps_done() -> list[str]:
+        return re.findall(r"(\d+)/\d+ \[", log.read_text(errors="replace"))
+
+    with log.open("w") as stderr:
+        control = subprocess.Popen(command, cwd=REPO, env={**os.environ, **QUIET_ENV},
+                                   stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
     try:
         assert control.wait(timeout=120) != 0
     except subprocess.TimeoutExpired:
-        pass  # hung: the failure the guard prevents
+        # Still running: a hang (the failure the guard prevents) only if no step finishes in another 60 s, so that
+        # a run that is merely slow on a busy machine is not counted as one.
+        before = steps_done()
+        time.sleep(60)
+        assert control.poll() is None and steps_done() == before, "the unguarded run is slow, not stuck"
     finally:
         if control.poll() is None:  # hung: stop the launcher and its workers
             for process in [

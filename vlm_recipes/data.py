@@ -18,7 +18,6 @@ import json
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -262,13 +261,39 @@ def resolve_media(media, root: Path | None, allow_outside_root: bool, kind: str 
     return path
 
 
-def load_records(
+def resolve_record_media(images: list, videos: list, root: Path | None, allow_outside_root: bool):
+    """(images, videos, problems): a record's media as checked paths, and what is wrong with each one that cannot
+    be used (every missing file, not only the first)."""
+    problems = []
+
+    def checked(media, kind: str = "image"):
+        try:
+            return resolve_media(media, root, allow_outside_root, kind)
+        except ValueError as error:
+            problems.append(str(error))
+            return None
+
+    images = [checked(image) for image in images]
+    # A video is a list of frames (image paths) or one video file, decoded by the processor.
+    videos = [
+        [checked(frame, "video frame") for frame in video]
+        if isinstance(video, list)
+        else checked(video, "video")
+        for video in videos
+    ]
+    return images, videos, problems
+
+
+def read_records(
     dataset_path: str,
     image_root: str | None = None,
     split: str = "train",
     allow_images_outside_root: bool = False,
-) -> list[dict]:
-    """Read and check every record; raise one DataError listing all problems found."""
+) -> tuple[list[dict], list[RecordProblem]]:
+    """(every record that can be read, a problem for each one that cannot). A record's problem lists all that is
+    wrong with it (each missing image, not only the first). The recipes and scripts/validate_data.py hand these
+    problems to the preflight, which reports them with the ones it finds itself (images that do not decode,
+    answers cut by max_length...), so that one run shows every problem of the dataset."""
     path = Path(dataset_path)
     if path.suffix in (".json", ".jsonl"):
         if not path.is_file():
@@ -285,20 +310,26 @@ def load_records(
         name = f"{label} (id {record_id})" if isinstance(raw, dict) and "id" in raw else label
         try:
             messages, images, videos = normalize_record(raw)
-            resolve = partial(resolve_media, root=root, allow_outside_root=allow_images_outside_root)
-            images = [resolve(image) for image in images]
-            # A video is a list of frames (image paths) or one video file, decoded by the processor.
-            videos = [
-                [resolve(frame, kind="video frame") for frame in video]
-                if isinstance(video, list)
-                else resolve(video, kind="video")
-                for video in videos
-            ]
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             problems.append(RecordProblem(str(dataset_path), name, str(error)))
             continue
+        images, videos, missing = resolve_record_media(images, videos, root, allow_images_outside_root)
+        if missing:
+            problems.append(RecordProblem(str(dataset_path), name, "; ".join(missing)))
+            continue
         record = {"id": str(record_id), "source": f"{dataset_path}, record {name}", "messages": messages}
         records.append({**record, "images": images, "videos": videos})
+    return records, problems
+
+
+def load_records(
+    dataset_path: str,
+    image_root: str | None = None,
+    split: str = "train",
+    allow_images_outside_root: bool = False,
+) -> list[dict]:
+    """Read and check every record (read_records); raise one DataError listing all problems found."""
+    records, problems = read_records(dataset_path, image_root, split, allow_images_outside_root)
     raise_if_problems(problems, str(dataset_path))
     if not records:
         raise DataError(f"{dataset_path} holds no records")
@@ -308,8 +339,12 @@ def load_records(
 def load_image(image) -> Image.Image:
     """An RGB image. 16-bit and float grayscale (X-rays) are stretched to 8 bits, not clipped."""
     if not isinstance(image, Image.Image):
-        image = Image.open(image)
-        image.load()
+        try:
+            opened = Image.open(image)
+            opened.load()
+        except OSError as error:  # truncated, not an image at all...: say which file, as well as which record
+            raise OSError(f"image {image}: {error}; replace the file (or re-export it)") from error
+        image = opened
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         pixels = np.asarray(image, dtype=np.float64)
         low, high = pixels.min(), pixels.max()

@@ -258,17 +258,21 @@ def image_report(fit, images: list[MeasuredImage], what: str, processor) -> list
     return lines
 
 
-def preflight(dataset, what: str, skip_bad_records: bool = False, num_workers: int = 0, log=print):
+def preflight(dataset, what: str, skip_bad_records: bool = False, num_workers: int = 0, log=print, unread=()):
     """The dataset, checked: raises a DataError listing every bad record, or drops them when asked to.
+    `unread`: the problems of the records that could not even be read (data.read_records), listed with the rest.
 
     Under a launcher every process must call it (the results are gathered); each then keeps the same records,
     and only process 0 logs the report."""
     rank, _ = process_rank_and_count()
     fit = image_fit_of(dataset.processor)
     checked, per_process = check_every_record(dataset, fit, num_workers)
-    problems = [c for c in checked if c.problem is not None]
+    count = len(checked) + len(unread)
+    if count == 0:
+        raise DataError(f"{what} holds no records")
+    problems = [str(problem) for problem in unread] + [c.problem for c in checked if c.problem is not None]
     if problems and not skip_bad_records:
-        summary = f"{len(problems)} of {len(dataset)} records of {what} cannot become training samples"
+        summary = f"{len(problems)} of {count} records of {what} cannot become training samples"
         if rank != 0:  # the same outcome on every process; process 0 gives the list
             raise DataError(f"{summary}; process 0 lists them")
         listing = "\n  ".join(shown_problems(problems))
@@ -280,11 +284,11 @@ def preflight(dataset, what: str, skip_bad_records: bool = False, num_workers: i
     measured = [
         MeasuredImage(sources[c.index], *size) for c in checked if c.problem is None for size in c.image_sizes
     ]
-    if problems:
-        bad = {c.index for c in problems}
+    bad = {c.index for c in checked if c.problem is not None}
+    if bad:
         dataset.records = [record for k, record in enumerate(dataset.records) if k not in bad]
     if rank == 0:
-        for line in preflight_report(len(checked), problems, per_process, what):
+        for line in preflight_report(count, problems, per_process, what):
             log(line)
         for line in image_report(fit, measured, what, dataset.processor):
             log(line)
@@ -293,16 +297,14 @@ def preflight(dataset, what: str, skip_bad_records: bool = False, num_workers: i
     return dataset
 
 
-def shown_problems(problems: list[CheckedRecord]) -> list[str]:
-    shown = [c.problem for c in problems[:SHOWN_PROBLEMS]]
+def shown_problems(problems: list[str]) -> list[str]:
+    shown = problems[:SHOWN_PROBLEMS]
     return shown + (
         [f"... and {len(problems) - SHOWN_PROBLEMS} more"] if len(problems) > SHOWN_PROBLEMS else []
     )
 
 
-def preflight_report(
-    count: int, problems: list[CheckedRecord], per_process: list[int], what: str
-) -> list[str]:
+def preflight_report(count: int, problems: list[str], per_process: list[int], what: str) -> list[str]:
     checked_by = ""
     if len(per_process) > 1:  # evidence that the records were shared out, not checked again by every process
         checked_by = (
