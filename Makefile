@@ -29,7 +29,7 @@ else
 INSTALLED :=
 endif
 
-.PHONY: help install demo train test test-extended test-gpu multi-gpu lint format clean wheelhouse benchmark
+.PHONY: help install demo train test test-extended test-gpu multi-gpu lint format clean wheelhouse benchmark benchmark-data
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ wheelhouse: $(INSTALLED)  ## wheels for an air-gapped node: [WHEELHOUSE=dir] [WH
 
 benchmark: $(INSTALLED)  ## on a GPU: make benchmark ARGS="--model qwen2.5-vl-3b --configs seed,zero2_offload" (docs/benchmarks.md)
 	$(PYTHON) scripts/benchmark.py run $(ARGS)
+
+benchmark-data: $(INSTALLED)  ## the data path at scale, on CPU: make benchmark-data ARGS="--records 100000" (docs/benchmarks.md)
+	$(PYTHON) scripts/benchmark_data.py $(ARGS)
 
 lint: $(INSTALLED)  ## ruff lint and format check
 	$(PYTHON) -m ruff check .

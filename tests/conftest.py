@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ import pytest
 # No test may reach the hub, in this process too (huggingface_hub reads this once, when first imported): offline,
 # a model id that is not local fails at once instead of after half a minute of retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The records cache (vlm_recipes/records.py) of this session's runs, launched ones included: never the user's.
+os.environ.setdefault("VLM_RECIPES_CACHE", tempfile.mkdtemp(prefix="vlm-recipes-test-cache-"))
 
 import torch  # noqa: E402 - after the line above, which must come before huggingface_hub is imported
 

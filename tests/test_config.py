@@ -203,8 +203,14 @@ def test_only_checkpoints_every_rank_finished_are_resumed_from(tmp_path, caplog)
     for step in (5, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoint-5" / CHECKPOINT_COMPLETE).write_text("{}")
+    (tmp_path / "checkpoint-5" / CHECKPOINT_COMPLETE).write_text('{"files": ["trainer_state.json"]}')
     (tmp_path / "checkpoint-20").mkdir()  # cut off before rank 0 finished
+    # marked complete, but a file its marker lists was deleted since (by hand, or a disk clean-up)
+    (tmp_path / "checkpoint-15").mkdir()
+    (tmp_path / "checkpoint-15" / CHECKPOINT_COMPLETE).write_text(
+        '{"files": ["trainer_state.json", "gone.pt"]}'
+    )
+    (tmp_path / "checkpoint-15" / "trainer_state.json").write_text("{}")
 
     def arguments(resume=None):
         return SimpleNamespace(
@@ -214,6 +220,7 @@ def test_only_checkpoints_every_rank_finished_are_resumed_from(tmp_path, caplog)
     assert prepare_output_dir(arguments()) == str(tmp_path / "checkpoint-5")
     assert f"ignoring {tmp_path / 'checkpoint-10'}: its writing did not finish on every rank" in caplog.text
     assert f"ignoring {tmp_path / 'checkpoint-20'}" in caplog.text
+    assert f"ignoring {tmp_path / 'checkpoint-15'}" in caplog.text
     # asked for by name: resumed from, with a warning; without trainer_state.json: refused
     assert prepare_output_dir(arguments(str(tmp_path / "checkpoint-10"))) == str(tmp_path / "checkpoint-10")
     assert f"has no {CHECKPOINT_COMPLETE}" in caplog.text

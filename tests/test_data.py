@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,57 @@ def load_one_bad(tmp_path, image_root, record, **kwargs):
     return message
 
 
+# --- the records cache (vlm_recipes/records.py) -----------------------------------------------------------------
+
+
+def test_a_file_is_parsed_once_then_mapped_from_the_cache(tmp_path, image_root, monkeypatch):
+    import vlm_recipes.data as data
+
+    monkeypatch.setenv("VLM_RECIPES_CACHE", str(tmp_path / "cache"))
+    parses = []
+    real_parse = data.parse_json_file
+    monkeypatch.setattr(data, "parse_json_file", lambda path: parses.append(path) or real_parse(path))
+    path = write_json(tmp_path / "data.json", LLAVA_RECORDS)
+    first = load_records(str(path), str(image_root))
+    again = load_records(str(path), str(image_root))
+    assert parses == [path]  # the second read (another rank, a re-run) maps what the first wrote
+    assert list(first) == list(again) and [r["messages"] for r in again] == LLAVA_EXPECTED
+    assert again[1]["images"] == [image_root / "a.png", image_root / "b.png"]
+    entries = list((tmp_path / "cache" / "records").iterdir())
+    assert [e.name for e in entries if e.is_dir()] and all(
+        (e / "records.arrow").is_file() for e in entries if e.is_dir()
+    )
+    # an edited file is parsed again
+    write_json(path, LLAVA_RECORDS[:1])
+    assert len(load_records(str(path), str(image_root))) == 1 and len(parses) == 2
+
+
+def test_an_image_added_after_the_first_read_is_found_without_editing_the_dataset(
+    tmp_path, image_root, monkeypatch
+):
+    monkeypatch.setenv("VLM_RECIPES_CACHE", str(tmp_path / "cache"))
+    path = write_json(
+        tmp_path / "data.json", [llava(("human", "<image>\nWhat?"), ("gpt", "red"), image="late.png")]
+    )
+    with pytest.raises(DataError, match="late.png does not exist"):
+        load_records(str(path), str(image_root))
+    write_png(image_root / "late.png")  # the image checks run on every read; only the parse is cached
+    assert [r["images"] for r in load_records(str(path), str(image_root))] == [[image_root / "late.png"]]
+
+
+def test_records_go_to_data_loader_workers_as_a_reference_to_the_mapped_file(
+    tmp_path, image_root, monkeypatch
+):
+    import pickle
+
+    monkeypatch.setenv("VLM_RECIPES_CACHE", str(tmp_path / "cache"))
+    path = write_json(tmp_path / "data.json", LLAVA_RECORDS * 2000)  # about 1 MB of JSON
+    records = load_records(str(path), str(image_root))
+    pickled = pickle.dumps(records)
+    assert len(pickled) < path.stat().st_size / 10  # the file's path and the kept indices, not the records
+    assert list(pickle.loads(pickled)[:2]) == list(records[:2])
+
+
 # --- accepted formats ---------------------------------------------------------------------------------------
 
 
@@ -196,6 +248,21 @@ def test_datasets_folder_in_chat_format_loads(tmp_path, image_root):
         ]
     ]
     assert records[0]["images"] == [image_root / "a.png"]
+
+
+def test_a_datasets_image_column_is_decoded_only_when_a_sample_is_made(tmp_path, image_root, tiny_processor):
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "What?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+             "images": [str(image_root / "a.png")]}]  # fmt: skip
+    embedded = datasets.Dataset.from_list(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    embedded.save_to_disk(str(tmp_path / "hf"))  # the images' bytes inside the dataset, as the Hub's are
+    records = load_records(str(tmp_path / "hf"), str(image_root))
+    (image,) = records[0]["images"]
+    assert isinstance(image, dict) and image["bytes"][:4] == b"\x89PNG"  # read, not decoded
+    sample = ConversationDataset(records, tiny_processor, None)[0]
+    assert sample["pixel_values"].shape[-2:] == (32, 32)  # decoded for the sample
 
 
 # --- refused inputs -----------------------------------------------------------------------------------------
@@ -319,3 +386,17 @@ def test_dataset_item_is_tokenized_and_its_errors_name_the_record(tmp_path, imag
         DataError, match=rf"^{re.escape(str(path))}, record at line 1 \(id q1\): .*max_length=5 would cut"
     ):
         ConversationDataset(records, tiny_processor, max_length=5)[0]
+
+
+@pytest.mark.extended  # three fresh interpreters: `make test-extended`
+def test_data_benchmark_measures_each_mode(tmp_path):
+    from tests.conftest import run_command
+
+    result = run_command(
+        [sys.executable, "scripts/benchmark_data.py", "--records", "300", "--output_dir", tmp_path],
+        timeout=300,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(row["mode"], row["records"]) for row in rows] == [("dicts", 300), ("cold", 300), ("warm", 300)]
+    assert all(row["rss_mib"] >= row["baseline_rss_mib"] > 0 for row in rows)
+    assert "| 300 | warm |" in result.stdout

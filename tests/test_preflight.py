@@ -198,12 +198,13 @@ def test_fixed_size_processors_report_what_the_crop_or_the_stretch_loses(tiny_ll
         "beforehand if their edges matter"
     )
     # SigLIP's processor (CheXagent) stretches every image to its size instead.
-    images = [MeasuredImage("a, record #0", 32, 32), MeasuredImage("a, record #1", 120, 30)]
-    stretched = image_report(FixedSize(32, 32, shortest_edge=None), images, "a", processor)
+    images = [MeasuredImage(0, 32, 32), MeasuredImage(1, 120, 30)]
+    source_of = "a, record #{}".format
+    stretched = image_report(FixedSize(32, 32, shortest_edge=None), images, "a", processor, source_of)
     assert (
         "stretches each to 32x32" in stretched[0] and "120x30 (stretched 4.0x out of shape)" in stretched[-1]
     )
-    unknown = image_report(None, images, "a", processor)
+    unknown = image_report(None, images, "a", processor, source_of)
     assert unknown == [
         "preflight: 2 images of a, 32x32 to 120x30; how CLIPImageProcessor resizes them is not known to the "
         "preflight, so detail lost is not reported"

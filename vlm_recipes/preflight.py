@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from vlm_recipes.data import DataError
+from vlm_recipes.data import DataError, keep_records
 
 SHOWN_PROBLEMS = 50
 # Beyond 2:1 against the model's input shape, a centre crop drops more than half of an image and a stretch
@@ -202,7 +202,7 @@ def check_every_record(dataset, fit, num_workers: int = 0) -> tuple[list[Checked
 
 @dataclass(frozen=True)
 class MeasuredImage:
-    source: str  # the record it belongs to
+    record: int  # the index of the record it belongs to (its source is looked up only for the ones reported)
     width: int
     height: int
 
@@ -214,7 +214,7 @@ def some(images: list, count: int) -> str:
     return f"{len(images)} of {count} images {'is' if len(images) == 1 else 'are'}"
 
 
-def image_report(fit, images: list[MeasuredImage], what: str, processor) -> list[str]:
+def image_report(fit, images: list[MeasuredImage], what: str, processor, source_of) -> list[str]:
     """Lines about the images of the records that become samples: their sizes, what the image processor does
     to them, and how many it shrinks, enlarges or bends out of shape, each with its most extreme example."""
     if not images:
@@ -240,19 +240,19 @@ def image_report(fit, images: list[MeasuredImage], what: str, processor) -> list
         most = min(shrunk, key=scale)
         lines.append(
             f"preflight: {some(shrunk, count)} {fit.larger} and downscaled, losing detail; the "
-            f"largest, {most} ({1 / scale(most):.1f}x smaller per edge), is {most.source}{fit.to_keep_detail}"
+            f"largest, {most} ({1 / scale(most):.1f}x smaller per edge), is {source_of(most.record)}{fit.to_keep_detail}"
         )
     if enlarged := [image for image in images if scale(image) > 1]:
         most = max(enlarged, key=scale)
         lines.append(
             f"preflight: {some(enlarged, count)} {fit.smaller} and upscaled; the smallest, {most} (enlarged "
-            f"{scale(most):.1f}x per edge), is {most.source}"
+            f"{scale(most):.1f}x per edge), is {source_of(most.record)}"
         )
     if bent := [image for image in images if mismatch(image) > EXTREME_ASPECT_RATIO]:
         most = max(bent, key=mismatch)
         lines.append(
             f"preflight: {some(bent, count)} more than {EXTREME_ASPECT_RATIO:.0f}:1 off the model's "
-            f"shape; the most extreme, {most} ({fit.distortion(most.width, most.height)}), is {most.source}; pad "
+            f"shape; the most extreme, {most} ({fit.distortion(most.width, most.height)}), is {source_of(most.record)}; pad "
             "such images to the model's shape beforehand if their edges matter"
         )
     return lines
@@ -280,19 +280,19 @@ def preflight(dataset, what: str, skip_bad_records: bool = False, num_workers: i
             f"{summary} (found before loading the model):\n  {listing}\n"
             "Fix them, or pass --skip_bad_records true to train without them."
         )
-    sources = [record["source"] for record in dataset.records]
-    measured = [
-        MeasuredImage(sources[c.index], *size) for c in checked if c.problem is None for size in c.image_sizes
-    ]
+    measured = [MeasuredImage(c.index, *size) for c in checked if c.problem is None for size in c.image_sizes]
+    records = dataset.records
     bad = {c.index for c in checked if c.problem is not None}
     if bad:
-        dataset.records = [record for k, record in enumerate(dataset.records) if k not in bad]
+        dataset.records = keep_records(records, [k for k in range(len(records)) if k not in bad])
     if rank == 0:
         for line in preflight_report(count, problems, per_process, what):
             log(line)
-        for line in image_report(fit, measured, what, dataset.processor):
+        for line in image_report(
+            fit, measured, what, dataset.processor, lambda index: records[index]["source"]
+        ):
             log(line)
-    if not dataset.records:
+    if not len(dataset.records):
         raise DataError(f"preflight: every record of {what} is bad; nothing left to train on")
     return dataset
 

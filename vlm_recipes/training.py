@@ -32,7 +32,12 @@ CHECKPOINT_COMPLETE = "checkpoint_complete.json"
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    return (path / CHECKPOINT_COMPLETE).is_file()
+    """Marked complete, and every file the marker lists still there (none deleted or moved since)."""
+    try:
+        marker = json.loads((path / CHECKPOINT_COMPLETE).read_text())
+    except (OSError, ValueError):
+        return False
+    return all((path / name).is_file() for name in marker.get("files", []))
 
 
 class CheckpointCompleteCallback(TrainerCallback):
@@ -61,7 +66,8 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     complete = [p for p in checkpoints if is_complete_checkpoint(p)]
     for skipped in sorted(set(checkpoints) - set(complete)):
         logger.warning(
-            f"ignoring {skipped}: its writing did not finish on every rank (no {CHECKPOINT_COMPLETE}); "
+            f"ignoring {skipped}: its writing did not finish on every rank (no {CHECKPOINT_COMPLETE}), or a file "
+            "it lists is gone; "
             f"--resume_from_checkpoint {skipped} resumes from it anyway"
         )
     return max(complete, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)), default=None)
