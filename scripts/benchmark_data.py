@@ -9,6 +9,9 @@ Modes:
             before the records cache
     cold    vlm_recipes.data.read_records with an empty records cache: parse, write the Arrow file, map it
     warm    read_records again: the cached Arrow file, memory-mapped; only the image paths are checked
+    preflight-cold, preflight-warm
+            the preflight of those records with --processor's files (default: llava-1.5-7b-hf's, from
+            ../shared/real-checkpoints) at max_length 2048, one process, no workers: without its cache, then with it
 Each row gives the wall time and the process's memory after loading (and, in brackets, its RSS before loading,
 with torch-free imports of datasets and pyarrow done): RSS, and of it the private part (what this process alone
 holds: each rank pays it again) and the shared part (libraries and the mapped Arrow file in the page cache: one
@@ -84,6 +87,8 @@ def measure(mode: str, path: Path) -> dict:
     start = time.perf_counter()
     if mode == "dicts":
         records = [normalize_record(raw) for raw in json.loads(path.read_text())]
+    elif mode.startswith("preflight"):
+        return measure_preflight(mode, path)
     else:
         records, problems = read_records(str(path), str(path.parent))
         assert not problems, problems[:3]
@@ -97,16 +102,37 @@ def measure(mode: str, path: Path) -> dict:
     }  # fmt: skip
 
 
+def measure_preflight(mode: str, path: Path) -> dict:
+    """The preflight of the (cached) records with the processor in $BENCHMARK_PROCESSOR, at max_length 2048, in one
+    process without workers: records checked per second, and the seconds it took."""
+    from transformers import AutoProcessor
+
+    from vlm_recipes.data import ConversationDataset, read_records
+    from vlm_recipes.preflight import preflight
+
+    records, _ = read_records(str(path), str(path.parent))
+    dataset = ConversationDataset(
+        records, AutoProcessor.from_pretrained(os.environ["BENCHMARK_PROCESSOR"]), 2048
+    )
+    lines = []
+    start = time.perf_counter()
+    preflight(dataset, str(path), log=lines.append)
+    seconds = time.perf_counter() - start
+    return {"mode": mode, "records": len(records), "seconds": round(seconds, 2),
+            "records_per_s": round(len(records) / seconds, 1), "report": lines[0]}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--output_dir", type=Path, default=REPO / "runs" / "data-bench")
-    parser.add_argument(
-        "--modes", nargs="+", default=["dicts", "cold", "warm"], choices=["dicts", "cold", "warm"]
-    )
-    parser.add_argument("--measure", choices=["dicts", "cold", "warm"], help=argparse.SUPPRESS)  # the child
+    modes = ["dicts", "cold", "warm", "preflight-cold", "preflight-warm"]
+    parser.add_argument("--modes", nargs="+", default=["dicts", "cold", "warm"], choices=modes)
+    parser.add_argument("--processor", type=Path, default=REPO.parent / "shared" / "real-checkpoints" / "llava-1.5-7b-hf",
+                        help="for the preflight modes: the processor files to check the records with")  # fmt: skip
+    parser.add_argument("--measure", choices=modes, help=argparse.SUPPRESS)  # the child
     parser.add_argument("--dataset", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -120,7 +146,10 @@ def main() -> None:
     for mode in args.modes:
         if mode == "cold":
             shutil.rmtree(cache, ignore_errors=True)
-        env = {**os.environ, "VLM_RECIPES_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+        if mode == "preflight-cold":
+            shutil.rmtree(cache / "preflight", ignore_errors=True)
+        env = {**os.environ, "VLM_RECIPES_CACHE": str(cache), "PYTHONPATH": str(REPO),
+               "BENCHMARK_PROCESSOR": str(args.processor), "HF_HUB_OFFLINE": "1"}  # fmt: skip
         command = [sys.executable, __file__, "--measure", mode, "--dataset", str(path)]
         result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         row = {
@@ -133,6 +162,11 @@ def main() -> None:
     print("| records | mode | load s | RSS MiB (before loading) | private MiB | shared MiB | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
+        if row["mode"].startswith("preflight"):
+            print(
+                f"| {row['records']:,} | {row['mode']} | {row['seconds']} ({row['records_per_s']} records/s) | | | | |"
+            )
+            continue
         print(f"| {row['records']:,} | {row['mode']} | {row['seconds']} | {row['rss_mib']:.0f} "
               f"({row['baseline_rss_mib']:.0f}) | {row['private_mib']:.0f} | {row['shared_file_mib']:.0f} | "
               f"{row['peak_rss_mib']:.0f} |")  # fmt: skip

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from tests.conftest import run_command
-from vlm_recipes.data import ConversationDataset, DataError, load_records
+from vlm_recipes.data import ConversationDataset, DataError, load_records, read_records
 from vlm_recipes.preflight import FixedSize, MeasuredImage, image_report, preflight
 
 
@@ -128,6 +128,61 @@ def test_validate_data_finds_every_problem_of_a_mixed_bad_dataset_in_one_run(
     assert len(both) == 1 and "gone-1.png" in both[0] and "gone-2.png" in both[0], report  # both, in one line
     assert not any("good-" in line for line in listed)
     assert len(listed) == 7, report
+
+
+# ---- the preflight cache ------------------------------------------------------------------------------------------
+
+
+def test_a_second_preflight_of_the_same_records_reads_the_first_ones_check(
+    tiny_llava, faulty_dataset, monkeypatch
+):
+    import vlm_recipes.preflight as preflight_module
+
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+
+    def checked_twice(max_length=128):
+        lines = []
+        dataset = ConversationDataset(read_kept(faulty_dataset), processor, max_length)
+        kept = preflight(dataset, str(faulty_dataset), skip_bad_records=True, log=lines.append)
+        return [r["id"] for r in kept.records], lines
+
+    first_ids, first_lines = checked_twice()
+    real_check = preflight_module.check_every_record
+    monkeypatch.setattr(preflight_module, "check_every_record", lambda *a, **k: pytest.fail("checked again"))
+    again_ids, again_lines = checked_twice()
+    assert again_ids == first_ids == ["good-1", "good-2"]
+    assert "(the check of an earlier run with the same records and processor, from " in again_lines[0]
+    assert again_lines[1:] == first_lines[1:]  # the same problems listed, the same image report
+    # what the check depends on, changed: checked again
+    monkeypatch.setattr(preflight_module, "check_every_record", real_check)
+    calls = []
+    monkeypatch.setattr(
+        preflight_module, "check_every_record", lambda *a, **k: calls.append(1) or real_check(*a, **k)
+    )
+    checked_twice(max_length=120)  # another max_length
+    Image.new("RGB", (48, 48), "red").save(faulty_dataset.parent / "good.png")  # an image replaced in place
+    checked_twice()
+    assert len(calls) == 2
+
+
+def read_kept(path):
+    records, _ = read_records(str(path), str(path.parent))
+    return records
+
+
+def test_a_long_preflight_reports_its_progress(tiny_llava, faulty_dataset, monkeypatch):
+    import vlm_recipes.preflight as preflight_module
+
+    monkeypatch.setattr(preflight_module, "PROGRESS_EVERY_S", 0.0)
+    records = json.loads(faulty_dataset.read_text())
+    many = faulty_dataset.with_name("many.json")
+    many.write_text(json.dumps([records[0]] * 200))  # more than one batch of 64
+    dataset = ConversationDataset(read_kept(many), AutoProcessor.from_pretrained(tiny_llava), 128)
+    lines = []
+    preflight(dataset, str(many), log=lines.append)
+    progress = [line for line in lines if "records checked by this process" in line]
+    assert progress and progress[0].startswith("preflight: 64 of 200 records checked by this process, ")
+    assert "records/s, about " in progress[0] and progress[0].endswith(" left")
 
 
 # ---- images against what the image processor does with them ---------------------------------------------------

@@ -1,6 +1,11 @@
 """Preflight: turn every record into a training sample once, before any weights are loaded, and report every
 record that would fail mid-run (a corrupt image, an image span cut by max_length, no assistant tokens left...).
 
+Its result (each record's problem or its image sizes and token length) is cached in <cache>/preflight/ (see
+vlm_recipes/records.py for <cache>), keyed by the records (the parsed file, every image's path, size and mtime, the
+records kept), the processor (settings, chat template, tokenizer), max_length and PREFLIGHT_VERSION: a re-run or a
+resume with the same inputs reads it back in seconds. While it checks, process 0 prints its progress every 30 s.
+
 Used by every recipe and by scripts/validate_data.py. By default all problems are listed and the run stops;
 with skip_bad_records the bad records are dropped, and how many and which is always printed.
 
@@ -13,19 +18,26 @@ how many images it downscales (losing detail: small findings on an X-ray), upsca
 shape, each with the most extreme one and its record. Only an image the processor refuses is a problem.
 """
 
+import hashlib
+import json
 import math
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_recipes.data import DataError, keep_records
+from vlm_recipes.records import cache_home
 
 SHOWN_PROBLEMS = 50
 # Beyond 2:1 against the model's input shape, a centre crop drops more than half of an image and a stretch
 # squeezes one axis to less than half the scale of the other.
 EXTREME_ASPECT_RATIO = 2.0
+PROGRESS_EVERY_S = 30.0  # a progress line this often while a large dataset is checked
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,7 @@ class CheckedRecord:  # small: every process receives every other's
     index: int
     problem: str | None  # None when the record becomes a training sample
     image_sizes: list[tuple[int, int]]  # (width, height) of each image, as decoded
+    length: int = 0  # the sample's tokens, image tokens included
 
 
 class RecordCheck(Dataset):
@@ -168,17 +181,30 @@ class RecordCheck(Dataset):
             if refusal:  # checked before the processor, which would refuse it without naming the record
                 checked.problem = f"{self.dataset.records[index]['source']}: {refusal}"
                 return checked
-            self.dataset.tokenize(index, images, videos)
+            checked.length = len(self.dataset.tokenize(index, images, videos)["input_ids"])
         except DataError as error:
             checked.problem = str(error)
         return checked
 
 
-def check_records(dataset, indices: list[int], fit, num_workers: int = 0) -> list[CheckedRecord]:
+def check_records(dataset, indices: list[int], fit, num_workers: int = 0, log=None) -> list[CheckedRecord]:
+    """The records at `indices`, checked; with `log`, a progress line every PROGRESS_EVERY_S seconds."""
     loader = DataLoader(
         RecordCheck(dataset, indices, fit), batch_size=64, num_workers=num_workers, collate_fn=list
     )
-    return [checked for batch in loader for checked in batch]
+    checked, start = [], time.monotonic()
+    last = start
+    for batch in loader:
+        checked.extend(batch)
+        now = time.monotonic()
+        if log is not None and now - last >= PROGRESS_EVERY_S and len(checked) < len(indices):
+            last, rate = now, len(checked) / (now - start)
+            left = (len(indices) - len(checked)) / rate
+            log(
+                f"preflight: {len(checked):,} of {len(indices):,} records checked by this process, "
+                f"{rate:,.0f} records/s, about {f'{left:.0f} s' if left < 120 else f'{left / 60:.0f} min'} left"
+            )
+    return checked
 
 
 def process_rank_and_count() -> tuple[int, int]:
@@ -187,11 +213,12 @@ def process_rank_and_count() -> tuple[int, int]:
     return 0, 1
 
 
-def check_every_record(dataset, fit, num_workers: int = 0) -> tuple[list[CheckedRecord], list[int]]:
+def check_every_record(dataset, fit, num_workers: int = 0, log=None) -> tuple[list[CheckedRecord], list[int]]:
     """Every record checked once across the processes of the run: (results in record order, how many records
     each process checked). Every process gets the same results."""
     rank, world_size = process_rank_and_count()
-    own = check_records(dataset, list(range(rank, len(dataset), world_size)), fit, num_workers)
+    shared_out = list(range(rank, len(dataset), world_size))
+    own = check_records(dataset, shared_out, fit, num_workers, log if rank == 0 else None)
     if world_size == 1:
         return own, [len(own)]
     parts = [None] * world_size
@@ -258,6 +285,69 @@ def image_report(fit, images: list[MeasuredImage], what: str, processor, source_
     return lines
 
 
+PREFLIGHT_VERSION = 1  # bump when what a check finds changes: every cached result is then checked again
+
+
+def processor_fingerprint(processor) -> str:
+    """What of the processor decides a record's check: its class, settings (pixel caps included), chat
+    template and tokenizer."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        settings = processor.to_json_string()
+    except (TypeError, ValueError, AttributeError):
+        settings = repr(vars(getattr(processor, "image_processor", processor)))
+    parts = [
+        type(processor).__name__, settings, str(getattr(processor, "chat_template", "")),
+        backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())),
+        repr(sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())),
+    ]  # fmt: skip
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def preflight_cache_file(dataset) -> Path | None:
+    """Where this dataset's check is cached: keyed by the records (the parsed file, every image's path, size and
+    mtime, the records kept), the processor, max_length and PREFLIGHT_VERSION. None for records not read
+    through the records cache (a `datasets` folder)."""
+    fingerprint = getattr(dataset.records, "fingerprint", None)
+    if not fingerprint:
+        return None
+    parts = [
+        fingerprint,
+        processor_fingerprint(dataset.processor),
+        str(dataset.max_length),
+        str(PREFLIGHT_VERSION),
+    ]
+    return cache_home() / "preflight" / f"{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:24]}.json"
+
+
+def read_cached_checks(path: Path | None, count: int) -> list[CheckedRecord] | None:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError, AttributeError):
+        return None
+    if len(stored) != count:
+        return None
+    return [CheckedRecord(k, problem, [tuple(size) for size in sizes], length)
+            for k, (problem, sizes, length) in enumerate(stored)]  # fmt: skip
+
+
+def write_cached_checks(path: Path, checked: list[CheckedRecord]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps([[c.problem, c.image_sizes, c.length] for c in checked]))
+    os.replace(partial, path)  # whole or not at all
+
+
+def same_on_every_process(value):
+    """Process 0's value, on every process (so that all take the same branch around collective calls)."""
+    if process_rank_and_count()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def preflight(dataset, what: str, skip_bad_records: bool = False, num_workers: int = 0, log=print, unread=()):
     """The dataset, checked: raises a DataError listing every bad record, or drops them when asked to.
     `unread`: the problems of the records that could not even be read (data.read_records), listed with the rest.
@@ -266,7 +356,18 @@ def preflight(dataset, what: str, skip_bad_records: bool = False, num_workers: i
     and only process 0 logs the report."""
     rank, _ = process_rank_and_count()
     fit = image_fit_of(dataset.processor)
-    checked, per_process = check_every_record(dataset, fit, num_workers)
+    cache_file = preflight_cache_file(dataset)
+    checked = read_cached_checks(cache_file, len(dataset))
+    if same_on_every_process(checked is not None):  # a re-run or resume with the same inputs: read back
+        if checked is None:
+            raise DataError(
+                f"process {rank} cannot read the preflight cache {cache_file}; delete it and run again"
+            )
+        per_process = None
+    else:
+        checked, per_process = check_every_record(dataset, fit, num_workers, log)
+        if rank == 0 and cache_file is not None:
+            write_cached_checks(cache_file, checked)
     count = len(checked) + len(unread)
     if count == 0:
         raise DataError(f"{what} holds no records")
@@ -286,7 +387,7 @@ def preflight(dataset, what: str, skip_bad_records: bool = False, num_workers: i
     if bad:
         dataset.records = keep_records(records, [k for k in range(len(records)) if k not in bad])
     if rank == 0:
-        for line in preflight_report(count, problems, per_process, what):
+        for line in preflight_report(count, problems, per_process, what, cache_file):
             log(line)
         for line in image_report(
             fit, measured, what, dataset.processor, lambda index: records[index]["source"]
@@ -304,9 +405,15 @@ def shown_problems(problems: list[str]) -> list[str]:
     )
 
 
-def preflight_report(count: int, problems: list[str], per_process: list[int], what: str) -> list[str]:
+def preflight_report(
+    count: int, problems: list[str], per_process: list[int] | None, what: str, cache_file: Path | None = None
+) -> list[str]:
     checked_by = ""
-    if len(per_process) > 1:  # evidence that the records were shared out, not checked again by every process
+    if per_process is None:
+        checked_by = f" (the check of an earlier run with the same records and processor, from {cache_file})"
+    elif (
+        len(per_process) > 1
+    ):  # evidence that the records were shared out, not checked again by every process
         checked_by = (
             f" (checked by {len(per_process)} processes: {' + '.join(map(str, per_process))} records)"
         )

@@ -24,8 +24,13 @@ FORMAT_VERSION = 1  # bump when what is stored changes: every cached entry is th
 BATCH = 10_000
 
 
+def cache_home() -> Path:
+    """$VLM_RECIPES_CACHE, or ~/.cache/vlm_recipes: records/ (this module) and preflight/ (vlm_recipes/preflight.py)."""
+    return Path(os.environ.get("VLM_RECIPES_CACHE") or Path.home() / ".cache" / "vlm_recipes")
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("VLM_RECIPES_CACHE") or Path.home() / ".cache" / "vlm_recipes") / "records"
+    return cache_home() / "records"
 
 
 def file_fingerprint(path: Path) -> str:
@@ -89,9 +94,20 @@ class RecordTable:
     """Records backed by the memory-mapped table: a sequence of record dicts (id, source, messages, images,
     videos), each built when it is asked for. `select` keeps a subset without copying the table."""
 
-    def __init__(self, table, dataset_path: str, resolve: Callable, indices: np.ndarray | None = None):
+    def __init__(
+        self,
+        table,
+        dataset_path: str,
+        resolve: Callable,
+        indices: np.ndarray | None = None,
+        fingerprint: str = "",
+    ):
         self.table, self.dataset_path, self.resolve = table, dataset_path, resolve
         self.indices = np.arange(len(table), dtype=np.int64) if indices is None else indices
+        # What these records are: the parsed file, every media file's path, size and mtime when they were read,
+        # and the records kept. The preflight's cache is keyed by it (with the processor and max_length).
+        self.fingerprint = hashlib.sha256(f"{fingerprint}\0".encode() + self.indices.tobytes()).hexdigest()
+        self.base_fingerprint = fingerprint
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -119,7 +135,7 @@ class RecordTable:
 
     def select(self, positions) -> "RecordTable":
         chosen = self.indices[np.asarray(list(positions), dtype=np.int64)]
-        return RecordTable(self.table, self.dataset_path, self.resolve, chosen)
+        return RecordTable(self.table, self.dataset_path, self.resolve, chosen, self.base_fingerprint)
 
     def has_media(self, key: str) -> bool:
         """Whether any selected record has images ("images") or videos ("videos")."""
