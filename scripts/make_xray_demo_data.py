@@ -26,6 +26,11 @@ YES_NO = "Is there an opacity in the lung?"
 FINDING = "Describe the finding."
 SIDE = "Which lung has the opacity? Answer left or right."
 CLEAR = "The lungs are clear."
+# The opacity's peak brightness and its size (Gaussian sigma in pixels of a 64-pixel image). The models see 32-pixel
+# images in 8-pixel patches; at 0.35-0.5 and sigma 3.5-5 the blob changed one or two of the 16 image tokens, and the
+# test's 80-step fine-tune learnt only the answers' prior (0.60 exact match with the images and with blank ones,
+# issue 21). Spread over several patches, it is read.
+OPACITY_BRIGHTNESS, OPACITY_SIGMA = (0.6, 0.8), (8, 10)
 
 
 def finding(side: str | None) -> str:
@@ -58,7 +63,8 @@ def frontal_view(size: int, side: str | None, rng: random.Random) -> np.ndarray:
     image += 0.30 * blob(shape, size / 2 + jitter(1), size * 0.62, 6 * s)  # mediastinum and heart
     if side is not None:
         cx, cy = lungs[1 if side == "left" else 0]
-        image += rng.uniform(0.35, 0.5) * blob(shape, cx + jitter(3), cy + jitter(7), rng.uniform(3.5, 5) * s)
+        brightness = rng.uniform(*OPACITY_BRIGHTNESS)
+        image += brightness * blob(shape, cx + jitter(3), cy + jitter(7), rng.uniform(*OPACITY_SIGMA) * s)
     return image
 
 
@@ -71,7 +77,7 @@ def lateral_view(size: int, has_opacity: bool, rng: random.Random) -> np.ndarray
     image += 0.2 * ellipse(shape, size * 0.74, size * 0.55, 3 * s, 26 * s)  # spine, posterior
     if has_opacity:
         cx, cy = size * 0.5 + rng.uniform(-6, 6) * s, size * 0.48 + rng.uniform(-9, 9) * s
-        image += rng.uniform(0.35, 0.5) * blob(shape, cx, cy, rng.uniform(3.5, 5) * s)
+        image += rng.uniform(*OPACITY_BRIGHTNESS) * blob(shape, cx, cy, rng.uniform(*OPACITY_SIGMA) * s)
     return image
 
 

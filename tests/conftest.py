@@ -64,12 +64,14 @@ def with_precision(args: list) -> list:
     return [*args, f"--{PRECISION}", "true", *([] if torch.cuda.is_available() else ["--use_cpu", "true"])]
 
 
-def run_command(command: list, timeout: int | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_command(
+    command: list, timeout: int | None = None, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     command = [str(part) for part in command]
     timeout = timeout or LAUNCH_TIMEOUT
     # Its own process group, so that a launch past its time is killed with the workers accelerate started.
     process = subprocess.Popen(
-        command, cwd=REPO, env={**os.environ, **QUIET_ENV}, text=True, start_new_session=True,
+        command, cwd=REPO, env={**os.environ, **QUIET_ENV, **(env or {})}, text=True, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -127,9 +129,9 @@ def recipe_command(
 
 
 def launch_recipe(recipe: str, args: list, num_processes: int | None = None, check: bool = True,
-                  timeout: int | None = None, accelerate_config=ACCELERATE_CONFIG):  # fmt: skip
+                  timeout: int | None = None, accelerate_config=ACCELERATE_CONFIG, env: dict | None = None):  # fmt: skip
     command = recipe_command(recipe, args, num_processes, accelerate_config)
-    return run_command(command, timeout=timeout, check=check)
+    return run_command(command, timeout=timeout, check=check, env=env)
 
 
 class _Touch:
@@ -255,7 +257,8 @@ def llava_zero3_run(tiny_llava, demo_data, tmp_path_factory):
         "--hub_token", HUB_TOKEN, "--report_to", "tensorboard",  # what could leak the token, written
         "--include_num_input_tokens_seen", "true",  # so that the training plot has a throughput curve
     )  # fmt: skip
-    result = launch_recipe("llava.py", args)
+    # A cache of its own: its preflight checks the records (shared out between the processes) whatever ran before.
+    result = launch_recipe("llava.py", args, env={"VLM_RECIPES_CACHE": str(output_dir.parent / "cache")})
     return output_dir, args, result
 
 

@@ -121,8 +121,13 @@ def test_rerun_resumes_from_last_complete_checkpoint(llava_zero3_run, tmp_path):
         shard.unlink()
     assert (interrupted / "checkpoint-30" / "trainer_state.json").is_file()
     rerun_args = [str(interrupted) if str(a) == str(output_dir) else a for a in args]
-    result = launch_recipe("llava.py", rerun_args)
+    # with the first run's caches, as a rerun on the same machine has them
+    result = launch_recipe(
+        "llava.py", rerun_args, env={"VLM_RECIPES_CACHE": str(output_dir.parent / "cache")}
+    )
     log = result.stdout + result.stderr
+    # the records' check is read back, not done again
+    assert "become training samples (the check of an earlier run with the same records and processor" in log
     assert f"resuming from {interrupted / 'checkpoint-15'}" in log
     assert f"ignoring {interrupted / 'checkpoint-30'}" in log
     # Only the remaining 15 steps ran, and from the checkpoint's state: a rerun that ignored the checkpoint (or
