@@ -50,7 +50,7 @@ demo: $(INSTALLED)  ## tiny model + demo data, trained with the real launcher an
 train: $(INSTALLED)  ## fine-tune: make train MODEL=llava|qwen-vl|chexagent [CONFIG=...] [ARGS="..."]
 	$(LAUNCH) $(RECIPE) $(if $(CONFIG),--config $(CONFIG)) $(NO_DEEPSPEED) $(ARGS)
 
-test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 17 minutes on 2 cores without AVX-512)
+test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 14 minutes on 2 cores without AVX-512)
 	$(PYTHON) -m pytest --durations=25
 
 test-extended: $(INSTALLED)  ## the cases left out of `make test`: benchmark-sized checks, other ZeRO variants and model families of its runs
