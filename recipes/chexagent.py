@@ -43,7 +43,6 @@ from transformers import (
     SiglipImageProcessor,
     SiglipVisionConfig,
     SiglipVisionModel,
-    Trainer,
 )
 from transformers.utils import logging
 
@@ -57,6 +56,7 @@ from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
     CheckpointCompleteCallback,
+    RecipeTrainer,
     ResolvedDeepSpeedConfigCallback,
     finish_run,
     input_grads_only_where_trained,
@@ -381,7 +381,7 @@ def main():
     )
 
     # ---- trainer ------------------------------------------------------------------------------------------------
-    trainer = Trainer(
+    trainer = RecipeTrainer(  # the HF Trainer; group_by_length takes the preflight's lengths
         model=model,
         args=training_args,
         train_dataset=train_dataset,

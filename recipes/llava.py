@@ -23,7 +23,7 @@ are the ones to change.
 from pathlib import Path
 
 from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, Trainer
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
@@ -35,6 +35,7 @@ from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
     CheckpointCompleteCallback,
+    RecipeTrainer,
     ResolvedDeepSpeedConfigCallback,
     finish_run,
     input_grads_only_where_trained,
@@ -155,7 +156,7 @@ def main():
     )
 
     # ---- trainer ------------------------------------------------------------------------------------------------
-    trainer = Trainer(
+    trainer = RecipeTrainer(  # the HF Trainer; group_by_length takes the preflight's lengths
         model=model,
         args=training_args,
         train_dataset=train_dataset,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, Trainer
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlm_recipes.attention import PACKED_VISION_ATTENTION, use_packed_vision_attention
 from vlm_recipes.collator import ConversationCollator
@@ -40,6 +40,7 @@ from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
     CheckpointCompleteCallback,
+    RecipeTrainer,
     ResolvedDeepSpeedConfigCallback,
     finish_run,
     input_grads_only_where_trained,
@@ -229,7 +230,7 @@ def main():
     )
 
     # ---- trainer ------------------------------------------------------------------------------------------------
-    trainer = Trainer(
+    trainer = RecipeTrainer(  # the HF Trainer; group_by_length takes the preflight's lengths
         model=model,
         args=training_args,
         train_dataset=train_dataset,

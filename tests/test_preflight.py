@@ -185,6 +185,29 @@ def test_a_long_preflight_reports_its_progress(tiny_llava, faulty_dataset, monke
     assert "records/s, about " in progress[0] and progress[0].endswith(" left")
 
 
+def test_group_by_length_takes_the_preflights_lengths_without_tokenizing_again(
+    tiny_llava, faulty_dataset, tmp_path, monkeypatch
+):
+    from transformers import LlavaForConditionalGeneration, TrainingArguments
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from vlm_recipes.training import RecipeTrainer
+
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+    dataset = preflight(ConversationDataset(read_kept(faulty_dataset), processor, 128), "d", skip_bad_records=True,
+                        log=lambda line: None)  # fmt: skip
+    tokenized = [len(dataset[k]["input_ids"]) for k in range(len(dataset))]
+    assert dataset.lengths == tokenized  # the kept samples' real lengths, in order
+    args = TrainingArguments(output_dir=str(tmp_path), train_sampling_strategy="group_by_length",
+                             per_device_train_batch_size=2, use_cpu=True, report_to=[])  # fmt: skip
+    trainer = RecipeTrainer(model=LlavaForConditionalGeneration.from_pretrained(tiny_llava), args=args,
+                            train_dataset=dataset, eval_dataset=dataset)  # fmt: skip
+    monkeypatch.setattr(ConversationDataset, "__getitem__", lambda *args: pytest.fail("tokenized again"))
+    for sampler in (trainer._get_train_sampler(), trainer._get_eval_sampler(dataset)):
+        assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == tokenized
+        assert sorted(sampler) == list(range(len(dataset)))
+
+
 # ---- images against what the image processor does with them ---------------------------------------------------
 
 

@@ -484,6 +484,7 @@ class ConversationDataset(Dataset):
         self.records = records
         self.processor = processor
         self.max_length = max_length
+        self.lengths: list[int] | None = None  # each sample's tokens, once the preflight has measured them
         self.fewer_media_tokens = fewer_media_tokens  # the advice when an image span does not fit max_length
 
     def __len__(self) -> int:

@@ -386,6 +386,8 @@ def preflight(dataset, what: str, skip_bad_records: bool = False, num_workers: i
     bad = {c.index for c in checked if c.problem is not None}
     if bad:
         dataset.records = keep_records(records, [k for k in range(len(records)) if k not in bad])
+    # each kept sample's tokens, for --train_sampling_strategy group_by_length (training.RecipeTrainer)
+    dataset.lengths = [c.length for c in checked if c.problem is None]
     if rank == 0:
         for line in preflight_report(count, problems, per_process, what, cache_file):
             log(line)

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import logging
 
 from vlm_recipes.config import ConfigError
@@ -264,3 +265,26 @@ def finish_run(trainer) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+class RecipeTrainer(Trainer):
+    """The HF Trainer, with `--train_sampling_strategy group_by_length` taking each sample's length from the
+    preflight (ConversationDataset.lengths, measured when every record was tokenized before training) instead of
+    the Trainer tokenizing every record again in the main process to find it (hours at 665k records)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths
+        )
+
+    def _get_eval_sampler(self, eval_dataset):
+        lengths = getattr(eval_dataset, "lengths", None)
+        if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
+            return super()._get_eval_sampler(eval_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        generator = torch.Generator().manual_seed(seed)
+        return LengthGroupedSampler(self.args.eval_batch_size, lengths=lengths, generator=generator)
