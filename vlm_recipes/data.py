@@ -11,7 +11,9 @@ Accepted inputs (`--dataset_path`):
   or {"image_path": ..., "text": ..., "target_text": ...} (docs/chexagent.md).
 
 Every record becomes {"id", "messages" (typed content parts), "images"}; problems are collected over the
-whole file and raised together, each naming the file, the record and the fix.
+whole file and raised together, each naming the file, the record and the fix (read_records hands them to the
+preflight instead, which lists them with its own). A JSON/JSONL file's records are served from the records cache
+(vlm_recipes/records.py: parsed once, memory-mapped), not held as Python objects.
 """
 
 import hashlib

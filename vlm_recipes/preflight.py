@@ -413,9 +413,8 @@ def preflight_report(
     checked_by = ""
     if per_process is None:
         checked_by = f" (the check of an earlier run with the same records and processor, from {cache_file})"
-    elif (
-        len(per_process) > 1
-    ):  # evidence that the records were shared out, not checked again by every process
+    # evidence that the records were shared out, not checked again by every process
+    elif len(per_process) > 1:
         checked_by = (
             f" (checked by {len(per_process)} processes: {' + '.join(map(str, per_process))} records)"
         )

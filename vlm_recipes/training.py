@@ -32,13 +32,19 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """Marked complete, and every file the marker lists still there (none deleted or moved since)."""
+def why_incomplete(path: Path) -> str | None:
+    """None for a checkpoint marked complete whose listed files are all still there; else what is missing."""
     try:
         marker = json.loads((path / CHECKPOINT_COMPLETE).read_text())
     except (OSError, ValueError):
-        return False
-    return all((path / name).is_file() for name in marker.get("files", []))
+        return f"has no {CHECKPOINT_COMPLETE}"
+    gone = [name for name in marker.get("files", []) if not (path / name).is_file()]
+    return f"has lost {len(gone)} file(s) its {CHECKPOINT_COMPLETE} lists, e.g. {gone[0]}" if gone else None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """Marked complete, and every file the marker lists still there (none deleted or moved since)."""
+    return why_incomplete(path) is None
 
 
 class CheckpointCompleteCallback(TrainerCallback):
@@ -67,8 +73,8 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     complete = [p for p in checkpoints if is_complete_checkpoint(p)]
     for skipped in sorted(set(checkpoints) - set(complete)):
         logger.warning(
-            f"ignoring {skipped}: its writing did not finish on every rank (no {CHECKPOINT_COMPLETE}), or a file "
-            "it lists is gone; "
+            f"ignoring {skipped}: its writing did not finish on every rank, or it was changed since "
+            f"(it {why_incomplete(skipped)}); "
             f"--resume_from_checkpoint {skipped} resumes from it anyway"
         )
     return max(complete, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)), default=None)
@@ -93,10 +99,10 @@ def prepare_output_dir(training_args) -> str | None:
                 f"--resume_from_checkpoint {asked} is not a complete checkpoint (no trainer_state.json); pick "
                 "another checkpoint-* folder"
             )
-        if not is_complete_checkpoint(asked):  # another program's checkpoint, or one cut off: the user's call
+        if reason := why_incomplete(asked):  # another program's checkpoint, or one cut off: the user's call
             logger.warning(
-                f"{asked} has no {CHECKPOINT_COMPLETE} (written by another program, or cut off before every "
-                "rank had written its part); resuming from it as asked"
+                f"{asked} {reason} (written by another program, cut off before every rank had written its "
+                "part, or changed since); resuming from it as asked"
             )
         return training_args.resume_from_checkpoint
     if training_args.overwrite_output_dir:
