@@ -265,6 +265,47 @@ def test_a_datasets_image_column_is_decoded_only_when_a_sample_is_made(tmp_path,
     assert sample["pixel_values"].shape[-2:] == (32, 32)  # decoded for the sample
 
 
+def test_a_datasets_folder_is_parsed_once_and_its_image_bytes_stay_in_the_users_table(
+    tmp_path, image_root, monkeypatch, tiny_processor
+):
+    import pickle
+
+    import datasets
+
+    import vlm_recipes.data as data
+
+    monkeypatch.setenv("VLM_RECIPES_CACHE", str(tmp_path / "cache"))
+    parses = []
+    real_parse = data.parse_hf_dataset
+    monkeypatch.setattr(data, "parse_hf_dataset", lambda loaded: parses.append(1) or real_parse(loaded))
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")  # about 49 KB: incompressible, as photographs are
+    turn = {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "What?"}]}
+    rows = [{"id": f"r{k}", "messages": [turn, {"role": "assistant", "content": [{"type": "text", "text": f"n{k}"}]}],
+             "images": [str(tmp_path / "noise.png")]} for k in range(40)]  # fmt: skip
+    rows[7]["messages"] = rows[7]["messages"][:1]  # no answer: reported, with the rest kept
+    embedded = datasets.Dataset.from_list(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    embedded.save_to_disk(str(tmp_path / "hf"))
+    image_bytes = 40 * (tmp_path / "noise.png").stat().st_size
+
+    records, problems = data.read_records(str(tmp_path / "hf"), str(image_root))
+    again, _ = data.read_records(str(tmp_path / "hf"), str(image_root))
+    assert parses == [1]  # every later read (another rank, a re-run) maps the stored parse
+    assert [str(p) for p in problems] == [
+        f"{tmp_path / 'hf'}, record #7 (id r7): the conversation has no assistant turn, so there is nothing to learn"
+    ]
+    assert len(records) == 39 and records[8]["id"] == "r9" and list(again[:3]) == list(records[:3])
+    (stored,) = [e for e in (tmp_path / "cache" / "records").iterdir() if e.is_dir()]
+    assert (
+        stored / "records.arrow"
+    ).stat().st_size < image_bytes / 20  # references to the images, not copies
+    assert len(pickle.dumps(records)) < image_bytes / 20  # what a data-loader worker is sent
+    (image,) = records[8]["images"]
+    assert image["bytes"] == (tmp_path / "noise.png").read_bytes()  # row 9's own image, undecoded until used
+    sample = ConversationDataset(records, tiny_processor, None)[8]
+    assert sample["pixel_values"].shape[-2:] == (32, 32)
+
+
 # --- refused inputs -----------------------------------------------------------------------------------------
 
 

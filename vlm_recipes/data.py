@@ -32,7 +32,15 @@ from torch.utils.data import Dataset
 
 from vlm_recipes.masking import FEWER_MEDIA_TOKENS, tokenize_conversation
 from vlm_recipes.records import BATCH as RECORDS_BATCH
-from vlm_recipes.records import RecordTable, cached_parse
+from vlm_recipes.records import (
+    EMBEDDED,
+    DatasetMedia,
+    RecordTable,
+    cached_parse,
+    embedded_reference,
+    file_fingerprint,
+    fingerprint_of,
+)
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -234,7 +242,10 @@ def read_json_records(path: Path) -> tuple[list[tuple[str, object]], list[Record
     return [(f"#{index}", record) for index, record in enumerate(data)], problems
 
 
-def read_hf_records(dataset_path: str, split: str) -> list[tuple[str, object]]:
+def open_hf_dataset(dataset_path: str, split: str):
+    """The user's `datasets` folder (save_to_disk) or dataset name, memory-mapped as `datasets` keeps it, with
+    its image columns undecoded ({"bytes", "path"}): decoding every image while reading held them all in RAM
+    (200 JPEGs of 21 MB became 239 MiB)."""
     import datasets
 
     if Path(dataset_path, "dataset_info.json").exists() or Path(dataset_path, "dataset_dict.json").exists():
@@ -243,14 +254,55 @@ def read_hf_records(dataset_path: str, split: str) -> list[tuple[str, object]]:
         loaded = datasets.load_dataset(dataset_path, split=split)
     if isinstance(loaded, datasets.DatasetDict):
         loaded = loaded[split]
-    # Image columns stay undecoded ({"bytes", "path"}) until a sample needs them: decoding every image of the
-    # dataset while reading it held them all in RAM (200 JPEGs of 21 MB became 239 MiB).
     for name, feature in loaded.features.items():
         if isinstance(feature, datasets.Image):
             loaded = loaded.cast_column(name, datasets.Image(decode=False))
         elif isinstance(getattr(feature, "feature", None), datasets.Image):
             loaded = loaded.cast_column(name, type(feature)(datasets.Image(decode=False)))
-    return [(f"#{index}", dict(row)) for index, row in enumerate(loaded)]
+    return loaded
+
+
+def hf_dataset_fingerprint(loaded, split: str) -> str:
+    """What the records cache keys a `datasets` table by: its own fingerprint, and each of its Arrow files'
+    path, size and modification time (a folder saved again over the old one is parsed again)."""
+    files = [Path(entry["filename"]) for entry in loaded.cache_files]
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return fingerprint_of(["datasets", split, loaded._fingerprint, stats])
+
+
+def parse_hf_dataset(loaded):
+    """(stored rows, problems) of a `datasets` table, for the records cache, as parse_json_file does for a file; an
+    image of one of the table's image columns is stored as a reference to it (records.EMBEDDED), not copied."""
+    import datasets
+
+    image_columns = [
+        name
+        for name, feature in loaded.features.items()
+        if isinstance(feature, datasets.Image)
+        or isinstance(getattr(feature, "feature", None), datasets.Image)
+    ]
+    problems = []
+
+    def rows():
+        for index, raw in enumerate(loaded):
+            name = record_name(f"#{index}", raw)
+            references = {}  # the image column values of this row, by identity: normalize_record keeps them
+            for column in image_columns:
+                value = raw[column]
+                for position, image in [(None, value)] if isinstance(value, dict) else enumerate(value or []):
+                    references[id(image)] = embedded_reference(index, column, position)
+            try:
+                messages, images, videos = normalize_record(raw)
+                stored = [image if isinstance(image, str) else references.get(id(image)) for image in images]
+                if None in stored:
+                    raise ValueError("an image must be a path (a string) or a value of an image column")
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                problems.append((name, str(error)))
+                continue
+            yield {"id": str(raw.get("id", f"#{index}")), "label": name, "messages": json.dumps(messages),
+                   "images": stored, "videos": json.dumps(videos)}  # fmt: skip
+
+    return rows(), problems
 
 
 class MediaPaths:
@@ -285,19 +337,12 @@ class MediaPaths:
             )
         return real
 
-    def checked(self, media, kind: str = "image"):
-        """A checked file path for a path string; anything else (a decoded `datasets` image) as it is."""
-        if not isinstance(media, str):
-            return media
-        path = self.real(media)
-        if not os.path.isfile(path):
-            raise ValueError(f"{kind} {path} does not exist; check the path and --image_root")
-        return Path(path)
-
     def problems(self, images: list[str], videos: list) -> list[str]:
         """What is wrong with each of a record's media files (none: an empty list), without building paths."""
         problems = []
         for media, kind in [*((image, "image") for image in images), *media_of_videos(videos)]:
+            if media.startswith(EMBEDDED):  # inside the `datasets` table: its fingerprint keys the cache
+                continue
             try:
                 path = self.real(media)
             except ValueError as error:
@@ -325,29 +370,6 @@ def media_of_videos(videos: list) -> list[tuple[str, str]]:
     ]
 
 
-def resolve_record_media(images: list, videos: list, paths: MediaPaths):
-    """(images, videos, problems): a record's media as checked paths, and what is wrong with each one that cannot
-    be used (every missing file, not only the first)."""
-    problems = []
-
-    def checked(media, kind: str = "image"):
-        try:
-            return paths.checked(media, kind)
-        except ValueError as error:
-            problems.append(str(error))
-            return None
-
-    images = [checked(image) for image in images]
-    # A video is a list of frames (image paths) or one video file, decoded by the processor.
-    videos = [
-        [checked(frame, "video frame") for frame in video]
-        if isinstance(video, list)
-        else checked(video, "video")
-        for video in videos
-    ]
-    return images, videos, problems
-
-
 def read_records(
     dataset_path: str,
     image_root: str | None = None,
@@ -366,25 +388,12 @@ def read_records(
         return read_json_file(path, str(dataset_path), root, allow_images_outside_root)
     if path.suffix in (".pkl", ".pickle"):
         raise DataError(f"{path}: {PICKLE_REFUSAL}")
-    records, problems, paths = [], [], MediaPaths(root, allow_images_outside_root)
-    for label, raw in read_hf_records(dataset_path, split):
-        name = record_name(label, raw)
-        try:
-            messages, images, videos = normalize_record(raw)
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            problems.append(RecordProblem(str(dataset_path), name, str(error)))
-            continue
-        images, videos, missing = resolve_record_media(images, videos, paths)
-        if missing:
-            problems.append(RecordProblem(str(dataset_path), name, "; ".join(missing)))
-            continue
-        record = {
-            "id": str(raw.get("id", label)),
-            "source": f"{dataset_path}, record {name}",
-            "messages": messages,
-        }
-        records.append({**record, "images": images, "videos": videos})
-    return records, problems
+    loaded = open_hf_dataset(dataset_path, split)
+    table, stored = cached_parse(hf_dataset_fingerprint(loaded, split), lambda: parse_hf_dataset(loaded))
+    return checked_records(
+        table, stored, str(dataset_path), root, allow_images_outside_root,
+        lambda paths: DatasetMedia(loaded, paths.resolve).resolve,
+    )  # fmt: skip
 
 
 def record_name(label: str, raw) -> str:
@@ -418,7 +427,14 @@ def parse_json_file(path: Path):
 def read_json_file(path: Path, dataset_path: str, root: Path | None, allow_outside_root: bool):
     """(records, problems) of a JSON / JSONL file: the records memory-mapped from the records cache
     (vlm_recipes/records.py), their media checked on disk now."""
-    table, stored = cached_parse(path, lambda: parse_json_file(path))
+    table, stored = cached_parse(file_fingerprint(path), lambda: parse_json_file(path))
+    return checked_records(table, stored, dataset_path, root, allow_outside_root, lambda paths: paths.resolve)
+
+
+def checked_records(table, stored, dataset_path: str, root, allow_outside_root: bool, resolver):
+    """(records, problems) from a records-cache entry: the stored problems, and every record's media files
+    checked on disk now; `resolver(paths)` makes the function that turns a stored media entry into what a sample
+    reads."""
     problems = [RecordProblem(dataset_path, label, problem) for label, problem in stored]
     kept, paths, position = [], MediaPaths(root, allow_outside_root), 0
     paths.digest = hashlib.sha256(
@@ -439,7 +455,7 @@ def read_json_file(path: Path, dataset_path: str, root: Path | None, allow_outsi
                 kept.append(position)
             position += 1
     paths.digest.update(np.asarray(kept, dtype=np.int64).tobytes())
-    records = RecordTable(table, dataset_path, paths.resolve, fingerprint=paths.digest.hexdigest())
+    records = RecordTable(table, dataset_path, resolver(paths), fingerprint=paths.digest.hexdigest())
     paths.digest = None  # not pickled with the records
     return records.select(kept), problems
 

@@ -308,7 +308,7 @@ def processor_fingerprint(processor) -> str:
 def preflight_cache_file(dataset) -> Path | None:
     """Where this dataset's check is cached: keyed by the records (the parsed file, every image's path, size and
     mtime, the records kept), the processor, max_length and PREFLIGHT_VERSION. None for records not read
-    through the records cache (a `datasets` folder)."""
+    through the records cache (a list of records built in code)."""
     fingerprint = getattr(dataset.records, "fingerprint", None)
     if not fingerprint:
         return None

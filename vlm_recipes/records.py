@@ -35,8 +35,12 @@ def cache_root() -> Path:
 
 def file_fingerprint(path: Path) -> str:
     stat = path.stat()
-    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, FORMAT_VERSION])
-    return hashlib.sha256(key.encode()).hexdigest()[:20]
+    return fingerprint_of([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+
+
+def fingerprint_of(what: list) -> str:
+    """The records cache's key for a source described by `what` (JSON-serializable), at this FORMAT_VERSION."""
+    return hashlib.sha256(json.dumps([*what, FORMAT_VERSION]).encode()).hexdigest()[:20]
 
 
 def schema():
@@ -73,14 +77,14 @@ def write_entry(folder: Path, parsed: Iterable[dict], problems: list[tuple[str, 
         staging.rmdir()
 
 
-def cached_parse(path: Path, parse: Callable[[], tuple[Iterable[dict], list[tuple[str, str]]]]):
-    """(the memory-mapped records table, [(record label, problem)]) of the dataset file, parsed by `parse` only
-    when no entry for the file's current fingerprint exists. One process parses while the others wait (a file
-    lock), then all map the same file."""
+def cached_parse(fingerprint: str, parse: Callable[[], tuple[Iterable[dict], list[tuple[str, str]]]]):
+    """(the memory-mapped records table, [(record label, problem)]) of a dataset, parsed by `parse` only when no
+    entry for its fingerprint (file_fingerprint, fingerprint_of) exists. One process parses while the others wait
+    (a file lock), then all map the same file."""
     import datasets
     from filelock import FileLock
 
-    folder = cache_root() / file_fingerprint(path)
+    folder = cache_root() / fingerprint
     if not (folder / "problems.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock"):
@@ -88,6 +92,30 @@ def cached_parse(path: Path, parse: Callable[[], tuple[Iterable[dict], list[tupl
                 write_entry(folder, *parse())
     problems = [tuple(problem) for problem in json.loads((folder / "problems.json").read_text())]
     return datasets.Dataset.from_file(str(folder / "records.arrow")), problems
+
+
+# An image stored inside a row of the user's `datasets` table, "<EMBEDDED><row>/<column>/<position or ->", read
+# (undecoded) from that table only when a sample needs it instead of being copied into the records cache.
+EMBEDDED = "\0datasets-row:"
+
+
+def embedded_reference(row: int, column: str, position: int | None) -> str:
+    return f"{EMBEDDED}{row}/{column}/{'-' if position is None else position}"
+
+
+class DatasetMedia:
+    """Resolves the stored media of records parsed from a `datasets` table: an EMBEDDED reference to the table's
+    own (undecoded) image, {"bytes", "path"}, and any other path as `resolve_path` does."""
+
+    def __init__(self, dataset, resolve_path: Callable):
+        self.dataset, self.resolve_path = dataset, resolve_path
+
+    def resolve(self, media: str, kind: str = "image"):
+        if not media.startswith(EMBEDDED):
+            return self.resolve_path(media, kind)
+        row, column, position = media[len(EMBEDDED) :].rsplit("/", 2)
+        value = self.dataset[int(row)][column]
+        return value if position == "-" else value[int(position)]
 
 
 class RecordTable:
