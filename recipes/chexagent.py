@@ -311,6 +311,7 @@ def main():
     check_host_memory(
         training_args, model_args, data_args, image_tokens=image_tokens_at_cap(processor),
         model_config=(f"{vision_path} + {text_path}", config) if assemble else None,
+        records=(train_records, eval_records),
     )  # fmt: skip
     # ---- preflight: every record becomes a sample once, before any weights load -------------------------------
     train_dataset = preflight(

@@ -88,9 +88,12 @@ def main():
     processor = AutoProcessor.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
-    # An offload config needing more host RAM than the machine has fails here; the image tokens per sample are the
-    # processor's own, measured at its cap.
-    check_host_memory(training_args, model_args, data_args, image_tokens=image_tokens_at_cap(processor))
+    # An offload config needing more host RAM than the machine has (model states and the records) fails here; the
+    # image tokens per sample are the processor's own, measured at its cap.
+    check_host_memory(
+        training_args, model_args, data_args, image_tokens=image_tokens_at_cap(processor),
+        records=(train_records, eval_records),
+    )  # fmt: skip
     # ---- preflight: every record becomes a sample once, before any weights load -------------------------------
     train_dataset = preflight(
         ConversationDataset(train_records, processor, data_args.max_length),

@@ -151,7 +151,13 @@ def main():
     processor = load_processor(model_args, image_args)
     # The host RAM a run needs depends on the image tokens per sample: the processor's, measured at its cap.
     tokens_at_cap = image_tokens_at_cap(processor)
-    check_host_memory(training_args, model_args, data_args, image_tokens=tokens_at_cap)
+    check_host_memory(
+        training_args,
+        model_args,
+        data_args,
+        image_tokens=tokens_at_cap,
+        records=(train_records, eval_records),
+    )
     fewer_media_tokens = (  # MODEL-SPECIFIC: the advice for a sample whose images do not fit max_length
         f"lower --max_pixels or --video_max_pixels (an image is now up to {tokens_at_cap:,} tokens)"
     )

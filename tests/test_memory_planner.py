@@ -231,6 +231,38 @@ def test_host_memory_check_refuses_an_offload_config_the_machine_cannot_hold(mon
     memory.check_host_memory(*recipe_arguments("zero3_offload", skip_memory_check=True))
 
 
+def test_host_memory_check_counts_the_records_each_process_holds_and_their_mapped_table(
+    monkeypatch, tmp_path
+):
+    table_file = tmp_path / "records.arrow"
+    with table_file.open("wb") as sparse:  # 3 GiB as the page cache sees it, no disk used
+        sparse.truncate(3 * GIB)
+
+    class Records:  # what the check reads of data.read_records' result: its length and its mapped file
+        table = SimpleNamespace(cache_files=[{"filename": str(table_file)}])
+
+        def __len__(self):
+            return 20_000_000
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    arguments = recipe_arguments("zero3_offload", world_size=2)
+    hardware = memory.hardware_from_environment(arguments[0])
+    shape, setup = memory.planned_run(arguments[1], arguments[2], arguments[0])
+    ds_path = REPO / "ds_configs" / "zero3_offload.json"
+    model_only = memory.host_need(memory.host_estimate_for_run(ds_path, shape, setup, hardware), hardware)
+    # The model states fit with 1 GiB to spare; two processes' share of 20M records plus the 3 GiB table do not.
+    monkeypatch.setattr(memory, "meminfo_available_bytes", lambda: model_only + 1 * GIB)
+    memory.check_host_memory(*arguments)
+    with pytest.raises(ConfigError, match="20,000,000 records"):
+        memory.check_host_memory(*arguments, records=(Records(), None))  # the eval set may be absent
+    counted = 2 * 20_000_000 * memory.RECORD_HEAP_BYTES + 3 * GIB
+    monkeypatch.setattr(memory, "meminfo_available_bytes", lambda: model_only + counted - 1)
+    with pytest.raises(ConfigError, match=rf"20,000,000 records: {counted / GIB:.1f} GiB of it"):
+        memory.check_host_memory(*arguments, records=(Records(), None))
+    monkeypatch.setattr(memory, "meminfo_available_bytes", lambda: model_only + counted)
+    memory.check_host_memory(*arguments, records=(Records(), None))
+
+
 def big_llava_config_folder(folder):
     """A LLaVA-architecture config of about 70B parameters: config.json only, no weights (the check must not
     need them)."""

@@ -25,7 +25,7 @@ measured-vs-estimated comparisons and the limits.
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -71,8 +71,15 @@ HOST_BASELINE_CPU_GIB = 0.95
 # RSS, 0.9 GiB above the 7.0 GiB of bf16 weights they load on the host first; 1.5 keeps a margin.
 HOST_BASELINE_CUDA_GIB = 1.5
 # Each data-loader worker is a forked process; what it touches of the parent's heap, plus decoded images and
-# the tokenizer, stops being shared. An estimate, to be confirmed by the benchmark.
+# the tokenizer, stops being shared. Measured (scripts/benchmark_data.py --modes workers, docs/benchmarks.md): 43
+# MiB of private memory per worker after 100 batches of 4 with llava-1.5-7b-hf's processor; 0.5 GiB leaves room
+# for large images, video frames and prefetched batches.
 DATALOADER_WORKER_GIB = 0.5
+# What each process holds per record once the records are read (vlm_recipes/records.py maps the records themselves
+# from the page cache: counted once per node, as the Arrow file's size) and checked by the preflight (the kept
+# positions, each sample's length). Measured with scripts/benchmark_data.py (docs/benchmarks.md): 85 bytes per
+# record for the records at 665k, about 300 for the preflight's results at 10k; rounded up.
+RECORD_HEAP_BYTES = 512
 # Memory a CUDA process holds outside torch's allocator (context, kernels): nvidia-smi shows it, torch's
 # max_memory_allocated() does not. Typical for torch 2.x on an H100; to be confirmed by the benchmark.
 CUDA_CONTEXT_GIB = 0.6
@@ -303,6 +310,8 @@ class TrainingSetup:
     image_tokens: int | None = None  # per sample; None: one image at the model's default size
     gradient_checkpointing: bool = True
     dataloader_workers: int = 4
+    records: int = 0  # training + evaluation records each process reads
+    records_table_bytes: int = 0  # their memory-mapped Arrow file(s): one copy in the page cache per node
 
     @classmethod
     def from_mode(
@@ -649,7 +658,11 @@ def model_states(config_name, shape, setup, hardware, ds_config: dict | None = N
 
 
 LIBRARIES, WORKERS = "libraries, per process", "data-loader workers"
-PROCESS_OVERHEADS = (LIBRARIES, WORKERS)
+RECORDS, RECORDS_TABLE = (
+    "records and their checks, per process",
+    "records table (memory-mapped, once per node)",
+)
+PROCESS_OVERHEADS = (LIBRARIES, WORKERS, RECORDS, RECORDS_TABLE)
 
 
 def estimate(
@@ -666,6 +679,10 @@ def estimate(
     processes = hardware.gpus_per_node
     host[LIBRARIES] = processes * hardware.process_baseline_bytes
     host[WORKERS] = processes * setup.dataloader_workers * DATALOADER_WORKER_GIB * GIB
+    if setup.records:
+        host[RECORDS] = processes * setup.records * RECORD_HEAP_BYTES
+    if setup.records_table_bytes:
+        host[RECORDS_TABLE] = setup.records_table_bytes
     if hardware.device == "cpu":
         # The weights a CPU run loads are the ones it trains: no separate host copy before "moving" them.
         host = {k: v for k, v in host.items() if "loaded on the host first" not in k}
@@ -815,17 +832,35 @@ def planned_run(
     return model_shape(name, config), setup_from_arguments(model_args, data_args, training_args, image_tokens)
 
 
+def host_need(run_estimate: ConfigEstimate, hardware: Hardware) -> float:
+    """Bytes of host RAM a run needs on each node; on a CPU-only run the "GPU" share is host memory too."""
+    on_cpu = hardware.gpus_per_node * run_estimate.gpu_bytes if hardware.device == "cpu" else 0
+    return run_estimate.host_bytes + on_cpu
+
+
+def records_footprint(record_sets) -> tuple[int, int]:
+    """(how many records, bytes of their distinct memory-mapped Arrow files) of the run's record sets."""
+    files = {
+        entry["filename"]
+        for records in record_sets
+        for entry in getattr(getattr(records, "table", None), "cache_files", [])
+    }
+    return sum(len(records) for records in record_sets), sum(os.path.getsize(f) for f in files)
+
+
 def check_host_memory(
     training_args,
     model_args,
     data_args,
     image_tokens: int | None = None,
     model_config: tuple | None = None,
+    records=(),
 ) -> None:
     """Refuse, before any weights load, a DeepSpeed offload config whose host-RAM need on this node exceeds
     MemAvailable, instead of letting the kernel kill the run later. `--skip_memory_check true` skips it.
     `image_tokens`: per sample, as the run's processor makes them (masking.image_tokens_at_cap); None: the
-    config's default. `model_config`: see `planned_run`."""
+    config's default. `model_config`: see `planned_run`. `records`: the run's record sets (data.read_records; None
+    is skipped), counted with the model states: each process's share and the mapped records table."""
     from vlm_recipes.config import ConfigError
     from vlm_recipes.ds_config import ds_config_in_use
 
@@ -838,17 +873,18 @@ def check_host_memory(
     if available is None:
         return
     shape, setup = planned_run(model_args, data_args, training_args, image_tokens, model_config)
+    count, table_bytes = records_footprint([r for r in records if r is not None])
+    setup = replace(setup, records=count, records_table_bytes=table_bytes)
     hardware = hardware_from_environment(training_args)
     run_estimate = host_estimate_for_run(ds_path, shape, setup, hardware)
-    # On a CPU-only run the "GPU" share is host memory too.
-    need = run_estimate.host_bytes + (
-        hardware.gpus_per_node * run_estimate.gpu_bytes if hardware.device == "cpu" else 0
-    )
+    need = host_need(run_estimate, hardware)
     if need <= available:
         return
+    data = run_estimate.host.get(RECORDS, 0) + run_estimate.host.get(RECORDS_TABLE, 0)
     raise ConfigError(
         f"{ds_path} needs about {need / GIB:.1f} GiB of host RAM on this node (the memory planner's estimate for "
-        f"{hardware.gpus_per_node} process(es) per node, {setup.mode}, {shape.total_params / 1e9:.2f}B parameters), "
+        f"{hardware.gpus_per_node} process(es) per node, {setup.mode}, {shape.total_params / 1e9:.2f}B parameters, "
+        f"{count:,} records: {data / GIB:.1f} GiB of it), "
         f"but only {available / GIB:.1f} GiB is available: the kernel would kill the run part-way. Fixes: train "
         "fewer parameters (--use_lora true, or freeze more: only trainable ones carry optimizer state); more "
         "nodes (ZeRO-3 divides the offloaded states among them); ds_configs/zero3.json if the GPUs can hold the "

@@ -85,6 +85,7 @@ class RunStatsCallback(TrainerCallback):
     def __init__(self, warmup_steps: int = 3):
         self.warmup_steps = warmup_steps
         self.step_times: list[float] = []
+        self.train_begin_unix = self.first_step_end_unix = None
         self.sampler: HostMemorySampler | None = None
         self.last: float | None = None
         self.baseline_used_kib = 0
@@ -102,6 +103,9 @@ class RunStatsCallback(TrainerCallback):
         self.sampler.start()
         self.synchronize()
         self.last = time.perf_counter()
+        self.train_begin_unix = (
+            time.time()
+        )  # wall clock, for the time from launch to training (benchmark_data.py)
 
     def on_step_begin(self, args, state, control, **kwargs):
         # VLM_RECIPES_PROFILE_DIR=<folder>: the PyTorch profiler over two steps after the warm-up, its op tables
@@ -119,6 +123,8 @@ class RunStatsCallback(TrainerCallback):
         now = time.perf_counter()
         self.step_times.append(now - self.last)
         self.last = now
+        if len(self.step_times) == 1:
+            self.first_step_end_unix = time.time()
         if len(self.step_times) == 1 and model is not None:
             # After a step the model is the one DeepSpeed or FSDP2 runs (the Trainer hands it to FSDP2 only after
             # on_train_begin): what this rank holds of it.
@@ -158,6 +164,8 @@ class RunStatsCallback(TrainerCallback):
             "parameter_elements_total": self.parameters_total,
             "parameter_elements_trainable": self.parameters_trainable,
             "step_times_s": [round(t, 4) for t in self.step_times],
+            "train_begin_unix": self.train_begin_unix,
+            "first_step_end_unix": self.first_step_end_unix,
             "median_step_time_s": statistics.median(self.steady_step_times() or self.step_times or [0.0]),
             "warmup_steps_excluded": self.warmup_steps,
             "profiled_steps_excluded": self.profiled_steps,
