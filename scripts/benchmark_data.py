@@ -242,7 +242,12 @@ def first_step(mode: str, path: Path, args, cache: Path) -> dict:
         "--max_length", "2048", "--max_steps", "1", "--output_dir", str(run),
         "--dataloader_num_workers", str(args.workers or 0),
     ]  # fmt: skip
-    env = {**os.environ, "VLM_RECIPES_CACHE": str(cache), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "VLM_RECIPES_CACHE": str(cache),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+    }
     start = time.time()
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
@@ -290,14 +295,17 @@ def main() -> None:
             shutil.rmtree(cache, ignore_errors=True)
         if mode == "preflight-cold":
             shutil.rmtree(cache / "preflight", ignore_errors=True)
-        env = {**os.environ, "VLM_RECIPES_CACHE": str(cache), "PYTHONPATH": str(REPO),
+        env = {**os.environ, "VLM_RECIPES_CACHE": str(cache),
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                "BENCHMARK_PROCESSOR": str(args.processor), "HF_HUB_OFFLINE": "1",
                "BENCHMARK_WORKERS": str(4 if args.workers is None else args.workers)}  # fmt: skip
         if mode.startswith("first-step"):
             measured = first_step(mode, path, args, cache)
         else:
             command = [sys.executable, __file__, "--measure", mode, "--dataset", str(path)]
-            result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+            result = subprocess.run(command, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
             measured = json.loads(result.stdout.strip().splitlines()[-1])
         on_disk = sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
         row = {

@@ -47,10 +47,21 @@ def with_two_bad_records(demo_data, root) -> Path:
 
 @requires_processes(2, "compares one process with several")
 # Qwen's parity (two more launches) runs in `make test-extended` and `make test-gpu`.
-@pytest.mark.parametrize("recipe", ["llava", pytest.param("qwen_vl", marks=pytest.mark.extended)])
-def test_one_and_several_processes_follow_the_same_loss_curve(recipe, tiny_model, demo_data, tmp_path):
+@pytest.mark.parametrize(
+    "recipe, sampling",
+    [
+        ("llava", "random"),
+        ("llava", "group_by_length"),
+        pytest.param("qwen_vl", "random", marks=pytest.mark.extended),
+    ],
+)
+def test_one_and_several_processes_follow_the_same_loss_curve(
+    recipe, sampling, tiny_model, demo_data, tmp_path
+):
     """Also `--skip_bad_records true` under several processes: if the processes kept different records, their
-    samples (and so the losses) would differ from the one process's."""
+    samples (and so the losses) would differ from the one process's. With group_by_length (the preflight's lengths,
+    training.RecipeTrainer), the same: every process draws the same length-grouped order, of which each trains its
+    share, so each sample is trained once and the steps match the one process's."""
     family, yaml = RECIPES[recipe]
     data = with_two_bad_records(demo_data, tmp_path / "data")
     losses = {}
@@ -63,6 +74,7 @@ def test_one_and_several_processes_follow_the_same_loss_curve(recipe, tiny_model
             "--gradient_accumulation_steps", NUM_PROCESSES // processes,  # the same global batch either way
             "--learning_rate", "1e-3", "--logging_steps", 1, "--save_strategy", "no",
             "--bf16", "false", "--fp16", "false",  # fp32, whatever VLM_TEST_PRECISION says (see PARITY_RTOL)
+            "--train_sampling_strategy", sampling,
         ]  # fmt: skip
         result = launch_recipe(f"{recipe}.py", args, num_processes=processes)
         skipped = [line for line in result.stdout.splitlines() if line.startswith("preflight: skipping")]

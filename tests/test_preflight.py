@@ -3,8 +3,10 @@ stops the run or (on request) drops exactly those records."""
 
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -206,6 +208,17 @@ def test_group_by_length_takes_the_preflights_lengths_without_tokenizing_again(
     for sampler in (trainer._get_train_sampler(), trainer._get_eval_sampler(dataset)):
         assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == tokenized
         assert sorted(sampler) == list(range(len(dataset)))
+    # Every process draws the same order (accelerate gives each its share of the batches), whatever its global
+    # random state: the processes' preflights differ. A new epoch draws a new order; a resumed run, the same again.
+    many = SimpleNamespace(lengths=[100 + k % 7 for k in range(500)])  # enough samples for orders to differ
+    orders = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        sampler = trainer._get_train_sampler(many)
+        orders.append(list(sampler))
+        sampler.set_epoch(1)
+        orders.append(list(sampler))
+    assert orders[0] == orders[2] and orders[1] == orders[3] and orders[0] != orders[1]
 
 
 # ---- images against what the image processor does with them ---------------------------------------------------

@@ -273,24 +273,45 @@ def finish_run(trainer) -> None:
     os._exit(0)
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """LengthGroupedSampler whose shuffle is drawn from (seed, epoch) alone: every process draws the same order, of
+    which accelerate hands each process its share of the batches, whatever each process's global random state went
+    through before (each checked its own share of the records in the preflight), and a resumed run draws its
+    epoch's order again. The Trainer calls set_epoch at every epoch."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 class RecipeTrainer(Trainer):
     """The HF Trainer, with `--train_sampling_strategy group_by_length` taking each sample's length from the
     preflight (ConversationDataset.lengths, measured when every record was tokenized before training) instead of
     the Trainer tokenizing every record again in the main process to find it (hours at 665k records)."""
+
+    def sampler_seed(self) -> int:
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         lengths = getattr(dataset, "lengths", None)
         if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
             return super()._get_train_sampler(train_dataset)
-        return LengthGroupedSampler(
-            self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths
-        )
+        # Groups of similar length the size of a global batch (every process's micro-batches of one optimizer
+        # step): the order is then the same for any number of processes, as the default shuffle's is.
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return EpochSeededLengthGroupedSampler(batch, lengths, self.sampler_seed())
 
     def _get_eval_sampler(self, eval_dataset):
         lengths = getattr(eval_dataset, "lengths", None)
         if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
             return super()._get_eval_sampler(eval_dataset)
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        generator = torch.Generator().manual_seed(seed)
-        return LengthGroupedSampler(self.args.eval_batch_size, lengths=lengths, generator=generator)
+        batch = self.args.eval_batch_size * self.args.world_size
+        return EpochSeededLengthGroupedSampler(batch, lengths, self.sampler_seed())
