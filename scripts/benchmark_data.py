@@ -205,7 +205,7 @@ def measure_workers(path: Path, workers: int, batches: int = 100) -> dict:
     processor = AutoProcessor.from_pretrained(os.environ["BENCHMARK_PROCESSOR"])
     loader = DataLoader(ConversationDataset(records, processor, 2048), batch_size=4, num_workers=workers,
                         collate_fn=ConversationCollator(processor), shuffle=True)  # fmt: skip
-    start, per_worker = time.perf_counter(), []
+    start, per_worker, batches = time.perf_counter(), [], min(batches, len(loader))
     for k, _ in enumerate(loader):
         if k == batches - 1:  # the workers still alive, each having made its share of the batches
             for child in multiprocessing.active_children():

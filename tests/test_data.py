@@ -441,3 +441,24 @@ def test_data_benchmark_measures_each_mode(tmp_path):
     assert [(row["mode"], row["records"]) for row in rows] == [("dicts", 300), ("cold", 300), ("warm", 300)]
     assert all(row["rss_mib"] >= row["baseline_rss_mib"] > 0 for row in rows)
     assert "| 300 | warm |" in result.stdout
+
+
+@pytest.mark.extended  # four launches and fresh interpreters: `make test-extended`
+def test_data_benchmark_measures_a_datasets_folder_the_workers_and_the_launch_to_the_first_step(tmp_path):
+    from tests.conftest import run_command
+
+    modes = ["dicts", "cold", "warm", "workers", "first-step-cold", "first-step-warm"]
+    args = ["--format", "datasets", "--records", "200", "--output_dir", tmp_path, "--modes", *modes]
+    run_command([sys.executable, "scripts/benchmark_data.py", *args], timeout=600)
+    rows = {
+        row["mode"]: row for row in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
+    }
+    assert sorted(rows) == sorted(modes) and all(row["format"] == "datasets" for row in rows.values())
+    # the image bytes held as dicts, not by the records cache
+    assert rows["dicts"]["anonymous_mib"] - rows["warm"]["anonymous_mib"] > 6  # about 66 KB a row
+    assert rows["workers"]["workers"] == 4 and 0 < rows["workers"]["worker_private_dirty_mib_max"] < 512
+    cold, warm = rows["first-step-cold"], rows["first-step-warm"]
+    assert 0 < warm["seconds_to_training"] < warm["seconds_to_first_step_end"]
+    assert (
+        "checked by" in " ".join(cold["preflight"]) and "the check of an earlier run" in warm["preflight"][0]
+    )

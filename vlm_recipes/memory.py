@@ -77,8 +77,8 @@ HOST_BASELINE_CUDA_GIB = 1.5
 DATALOADER_WORKER_GIB = 0.5
 # What each process holds per record once the records are read (vlm_recipes/records.py maps the records themselves
 # from the page cache: counted once per node, as the Arrow file's size) and checked by the preflight (the kept
-# positions, each sample's length). Measured with scripts/benchmark_data.py (docs/benchmarks.md): 85 bytes per
-# record for the records at 665k, about 300 for the preflight's results at 10k; rounded up.
+# positions, each sample's length and image sizes). Measured at 665k records with scripts/benchmark_data.py
+# (docs/benchmarks.md): 22 bytes a record for the records, 347 for the preflight's results; 512 leaves a margin.
 RECORD_HEAP_BYTES = 512
 # Memory a CUDA process holds outside torch's allocator (context, kernels): nvidia-smi shows it, torch's
 # max_memory_allocated() does not. Typical for torch 2.x on an H100; to be confirmed by the benchmark.
