@@ -22,7 +22,7 @@ are the ones to change.
 
 from pathlib import Path
 
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
 from vlm_recipes.collator import ConversationCollator
@@ -40,7 +40,7 @@ from vlm_recipes.training import (
     finish_run,
     input_grads_only_where_trained,
     log_trainable_parameters,
-    lora_target_pattern,
+    lora_config,
     prepare_output_dir,
     set_requires_grad,
     training_dtype,
@@ -128,22 +128,18 @@ def main():
     set_requires_grad(model.lm_head, not model_args.freeze_language_model)
 
     if model_args.use_lora:
-        lora_config = LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
+        # LoRA (or DoRA with --use_dora true) on the named linear layers of each module.
+        adapters = lora_config(
+            model_args,
             # MODEL-SPECIFIC: the module paths of the language model and the vision tower.
-            target_modules=lora_target_pattern(
-                {
-                    "model.language_model": model_args.lora_target_modules,
-                    "model.vision_tower": model_args.lora_vision_target_modules,
-                }
-            ),
+            {
+                "model.language_model": model_args.lora_target_modules,
+                "model.vision_tower": model_args.lora_vision_target_modules,
+            },
             # The projector is new for every fine-tune, so it is trained in full and saved with the adapter.
             modules_to_save=[] if model_args.freeze_projector else ["multi_modal_projector"],
-            task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora_config)
+        model = get_peft_model(model, adapters)
     # With gradient checkpointing the Trainer hooks the input embeddings so that reentrant checkpointing has an
     # input that requires grad; only where something trains, so that a frozen vision tower runs no backward.
     input_grads_only_where_trained(model)

@@ -26,7 +26,7 @@ The original 2023 Qwen-VL exists only as remote code for old transformers and is
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlm_recipes.attention import PACKED_VISION_ATTENTION, use_packed_vision_attention
@@ -45,7 +45,7 @@ from vlm_recipes.training import (
     finish_run,
     input_grads_only_where_trained,
     log_trainable_parameters,
-    lora_target_pattern,
+    lora_config,
     prepare_output_dir,
     set_requires_grad,
     training_dtype,
@@ -203,22 +203,18 @@ def main():
     set_requires_grad(model.lm_head, not model_args.freeze_language_model)
 
     if model_args.use_lora:
-        lora_config = LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
+        # LoRA (or DoRA with --use_dora true) on the named linear layers of each module.
+        adapters = lora_config(
+            model_args,
             # MODEL-SPECIFIC: the module paths of the language model and the vision tower.
-            target_modules=lora_target_pattern(
-                {
-                    "model.language_model": model_args.lora_target_modules,
-                    "model.visual.blocks": model_args.lora_vision_target_modules,
-                }
-            ),
+            {
+                "model.language_model": model_args.lora_target_modules,
+                "model.visual.blocks": model_args.lora_vision_target_modules,
+            },
             # The merger is trained in full and saved with the adapter unless it is frozen.
             modules_to_save=[] if model_args.freeze_projector else mergers,
-            task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora_config)
+        model = get_peft_model(model, adapters)
     # With gradient checkpointing the Trainer hooks the input embeddings so that reentrant checkpointing has an
     # input that requires grad; only where something trains, so that a frozen vision tower runs no backward.
     input_grads_only_where_trained(model)

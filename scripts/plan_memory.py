@@ -47,6 +47,7 @@ def defaults_from_recipe_yaml(path: Path) -> dict:
         "model": values.get("model_name_or_path") or None,
         "train_vision_tower": values.get("freeze_vision_tower") is False,
         "lora_r": values.get("lora_r"),
+        "use_dora": values.get("use_dora") or None,
         "micro_batch": values.get("per_device_train_batch_size"),
         "seq_len": values.get("max_length"),
         "dataloader_workers": values.get("dataloader_num_workers"),
@@ -74,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--train_vision_tower", action="store_true", help="full mode: train the vision tower too"
     )
     parser.add_argument("--lora_r", type=int, default=64)
+    parser.add_argument(
+        "--use_dora", action="store_true", help="with --mode lora: DoRA's magnitudes counted too"
+    )
     parser.add_argument("--gpus", type=int, default=1, help="GPUs (processes) per node")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpu_memory_gib", type=float, default=80.0)
@@ -156,6 +160,7 @@ def main(argv=None) -> None:
         args.mode,
         train_vision_tower=args.train_vision_tower,
         lora_r=args.lora_r,
+        use_dora=args.use_dora,
         micro_batch=args.micro_batch,
         seq_len=args.seq_len,
         image_tokens=image_tokens,

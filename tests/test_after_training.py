@@ -109,26 +109,31 @@ def test_infer_names_a_missing_image_and_a_folder_without_a_model(tiny_llava, tm
 # ---- LoRA merge -------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def lora_adapter(tiny_llava, tmp_path_factory):
-    """A LoRA adapter on the tiny model, as recipes/llava.py configures it (language-model linear layers,
-    projector in modules_to_save), with lora_B and the projector randomised so that merging changes the
-    model a lot: a zero lora_B, as PEFT initialises it, would make any merge look right."""
-    from peft import LoraConfig, get_peft_model
+@pytest.fixture(scope="module", params=["lora", "dora"])
+def lora_adapter(request, tiny_llava, tmp_path_factory):
+    """A LoRA (or DoRA) adapter on the tiny model, as recipes/llava.py configures it (training.lora_config:
+    language-model linear layers, projector in modules_to_save), with lora_B, DoRA's magnitudes and the projector
+    randomised so that merging changes the model a lot: a zero lora_B, as PEFT initialises it, would make any
+    merge look right."""
+    from peft import get_peft_model
+
+    from vlm_recipes.config import ModelArguments
+    from vlm_recipes.training import lora_config
 
     torch.manual_seed(0)
     base = LlavaForConditionalGeneration.from_pretrained(tiny_llava)
-    config = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-        target_modules=r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-        modules_to_save=["multi_modal_projector"],
-    )  # fmt: skip
+    model_args = ModelArguments(
+        str(tiny_llava), use_lora=True, use_dora=request.param == "dora", lora_r=8, lora_alpha=16
+    )
+    config = lora_config(
+        model_args, {"model.language_model": model_args.lora_target_modules}, ["multi_modal_projector"]
+    )
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
+            if any(part in name for part in ("lora_B", "modules_to_save", "lora_magnitude_vector")):
                 parameter.add_(torch.randn_like(parameter) * 0.1)
-    path = tmp_path_factory.mktemp("lora") / "adapter"
+    path = tmp_path_factory.mktemp(request.param) / "adapter"
     model.save_pretrained(path)
     AutoProcessor.from_pretrained(tiny_llava).save_pretrained(path)  # as the Trainer saves the processor
     return path

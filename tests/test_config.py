@@ -81,6 +81,14 @@ def test_unknown_yaml_key_names_the_file_and_the_closest_field(tmp_path):
         parse_recipe_args(config, [])
 
 
+def test_dora_without_lora_is_refused_with_the_fix(tmp_path):
+    config = write_yaml(tmp_path, BASE.format(out=tmp_path / "out") + "use_dora: true\n")
+    with pytest.raises(ConfigError, match="--use_dora true .* pass --use_lora true as well"):
+        parse_recipe_args(config, [])
+    model_args, _, _ = parse_recipe_args(config, ["--use_lora", "true"])
+    assert model_args.use_dora and model_args.use_lora
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="missing.yaml does not exist"):
         parse_recipe_args(tmp_path / "missing.yaml", [])

@@ -225,7 +225,9 @@ def test_full_finetune_two_processes(tiny_model, demo_data, tmp_path, family):
 
 
 @pytest.mark.distributed
-def test_lora_adapter_holds_the_merger_and_loads(tiny_model, demo_data, tmp_path):
+def test_dora_adapter_holds_the_merger_and_loads(tiny_model, demo_data, tmp_path):
+    """DoRA (--use_dora true; plain LoRA runs in the LLaVA recipe's test): the adapters, their magnitudes and the
+    merger are saved, load, and the planner counts what the run trained, magnitudes included."""
     from peft import PeftModel
 
     from vlm_recipes.inference import load_for_inference
@@ -233,7 +235,7 @@ def test_lora_adapter_holds_the_merger_and_loads(tiny_model, demo_data, tmp_path
     output_dir = tmp_path / "lora"
     args = recipe_args(
         tiny_model("qwen2.5-vl"), demo_data, output_dir,
-        "--use_lora", "true", "--freeze_language_model", "true", "--lora_r", "8", "--lora_alpha", "16",
+        "--use_lora", "true", "--use_dora", "true", "--freeze_language_model", "true", "--lora_r", "8", "--lora_alpha", "16",
         "--lora_vision_target_modules", "qkv", "--max_steps", "6", "--per_device_train_batch_size", "4",
         "--save_strategy", "no",
     )  # fmt: skip
@@ -243,9 +245,14 @@ def test_lora_adapter_holds_the_merger_and_loads(tiny_model, demo_data, tmp_path
     assert any("visual.blocks" in name and name.endswith("qkv.lora_B.weight") for name in adapter)
     assert any(".merger." in name for name in adapter)
     assert all(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)
+    magnitudes = [name for name in adapter if "lora_magnitude_vector" in name]
+    assert any("language_model" in name for name in magnitudes) and any(
+        "visual" in name for name in magnitudes
+    )
     model, _ = load_for_inference(str(output_dir), device="cpu")
-    assert isinstance(model, PeftModel)
-    assert_planner_counts_what_the_run_trained("qwen_vl", args)  # language and vision adapters + the merger
+    assert isinstance(model, PeftModel) and model.peft_config["default"].use_dora
+    # language and vision adapters, their magnitudes, and the merger
+    assert_planner_counts_what_the_run_trained("qwen_vl", args)
 
 
 def mixed_dataset(demo_data, path):

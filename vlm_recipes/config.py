@@ -46,6 +46,13 @@ class ModelArguments:
     use_lora: bool = field(
         default=False, metadata={"help": "Train LoRA adapters instead of the full weights."}
     )
+    use_dora: bool = field(
+        default=False,
+        metadata={
+            "help": "With --use_lora: DoRA (peft's use_dora), which trains each adapted weight's magnitude apart "
+            "from its direction; slower per step than LoRA, saved and merged the same way."
+        },
+    )
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
@@ -310,6 +317,12 @@ def parse_recipe_args(default_config: Path, argv: list[str] | None = None, extra
             action.required = False
     parsed = parser.parse_args_into_dataclasses(args=argv)
     training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
+    model_args = next((a for a in parsed if isinstance(a, ModelArguments)), None)
+    if model_args is not None and model_args.use_dora and not model_args.use_lora:
+        raise ConfigError(
+            "--use_dora true adapts the LoRA adapters, but --use_lora is false: pass --use_lora true as well "
+            "(DoRA is LoRA with each adapted weight's magnitude trained apart)"
+        )
     move_secrets_to_environment(training_args)
     if training_args.torch_compile:
         # Compile each repeated block (decoder layer, vision block) once and reuse it, instead of the whole model:

@@ -156,6 +156,7 @@ class ModelShape:
     language_linear_inputs: dict = field(default_factory=dict)
     # (in_features + out_features) of the vision tower's linear layers, by layer name: its LoRA adapters.
     vision_linear_widths: dict = field(default_factory=dict)
+    vision_linear_inputs: dict = field(default_factory=dict)  # in_features alone, as for the language model
     param_numels: tuple = ()  # every parameter's size (ZeRO-3 keeps the small ones gathered)
 
     @property
@@ -220,7 +221,12 @@ def model_shape(name: str, config) -> ModelShape:
         for module in model.modules()
         if type(module).__name__ in block_classes
     ]
-    language_linear_widths, language_linear_inputs, vision_linear_widths = {}, {}, {}
+    language_linear_widths, language_linear_inputs, vision_linear_widths, vision_linear_inputs = (
+        {},
+        {},
+        {},
+        {},
+    )
     for module_name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module_name.endswith("lm_head"):
             continue
@@ -231,6 +237,7 @@ def model_shape(name: str, config) -> ModelShape:
             language_linear_inputs[leaf] = language_linear_inputs.get(leaf, 0) + module.in_features
         elif role == "vision":
             vision_linear_widths[leaf] = vision_linear_widths.get(leaf, 0) + width
+            vision_linear_inputs[leaf] = vision_linear_inputs.get(leaf, 0) + module.in_features
     text = getattr(config, "text_config", None) or config
     vision = getattr(config, "vision_config", None)
     heads = text.num_attention_heads
@@ -259,6 +266,7 @@ def model_shape(name: str, config) -> ModelShape:
         language_linear_widths=language_linear_widths,
         language_linear_inputs=language_linear_inputs,
         vision_linear_widths=vision_linear_widths,
+        vision_linear_inputs=vision_linear_inputs,
         param_numels=tuple(sorted(p.numel() for p in model.parameters())),
     )
 
@@ -305,6 +313,7 @@ class TrainingSetup:
     lora_r: int = 0  # > 0: LoRA adapters on the language model's `lora_targets` (its base weights frozen)
     lora_targets: tuple = DEFAULT_LORA_TARGETS
     lora_vision_targets: tuple = ()  # with lora_r: adapters on these linear layers of the vision tower too
+    use_dora: bool = False  # with lora_r: DoRA, a trained magnitude per output feature of each adapted layer
     micro_batch: int = 4
     seq_len: int = 2048  # tokens per sample, image tokens included
     image_tokens: int | None = None  # per sample; None: one image at the model's default size
@@ -330,17 +339,21 @@ class TrainingSetup:
     @property
     def mode(self) -> str:
         if self.lora_r:
-            return f"lora r={self.lora_r}"
+            return f"{'dora' if self.use_dora else 'lora'} r={self.lora_r}"
         if self.train_language_model:
             return "full, vision tower trained" if self.train_vision_tower else "full (vision tower frozen)"
         return "projector only" if self.train_projector else "nothing trained"
 
 
 def lora_params(shape: ModelShape, setup: TrainingSetup) -> int:
-    # PEFT's LoRA adds A (r x in) and B (out x r) to each targeted linear layer.
-    language = sum(shape.language_linear_widths.get(name, 0) for name in setup.lora_targets)
-    vision = sum(shape.vision_linear_widths.get(name, 0) for name in setup.lora_vision_targets)
-    return setup.lora_r * (language + vision)
+    # PEFT's LoRA adds A (r x in) and B (out x r) to each targeted linear layer; DoRA also a magnitude (out).
+    targeted = [(shape.language_linear_widths, shape.language_linear_inputs, setup.lora_targets),
+                (shape.vision_linear_widths, shape.vision_linear_inputs, setup.lora_vision_targets)]  # fmt: skip
+    widths = sum(widths.get(name, 0) for widths, _, names in targeted for name in names)
+    outputs = sum(
+        widths.get(name, 0) - inputs.get(name, 0) for widths, inputs, names in targeted for name in names
+    )
+    return setup.lora_r * widths + (outputs if setup.use_dora and setup.lora_r else 0)
 
 
 def parameter_split(shape: ModelShape, setup: TrainingSetup) -> tuple[int, int]:
@@ -798,6 +811,7 @@ def setup_from_arguments(
         lora_r=model_args.lora_r if model_args.use_lora else 0,
         lora_targets=tuple(model_args.lora_target_modules),
         lora_vision_targets=tuple(model_args.lora_vision_target_modules) if model_args.use_lora else (),
+        use_dora=model_args.use_lora and getattr(model_args, "use_dora", False),
         micro_batch=training_args.per_device_train_batch_size,
         seq_len=data_args.max_length or 2048,
         gradient_checkpointing=training_args.gradient_checkpointing,
@@ -899,7 +913,8 @@ def as_json(shape: ModelShape, setup: TrainingSetup, hardware: Hardware, estimat
     shape_dict = {
         k: v
         for k, v in asdict(shape).items()
-        if k not in ("param_numels", "language_linear_widths", "language_linear_inputs")
+        if k
+        not in ("param_numels", "language_linear_widths", "language_linear_inputs", "vision_linear_inputs")
     }
     return {
         "model": {**shape_dict, "total_params": shape.total_params},

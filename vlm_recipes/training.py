@@ -208,6 +208,22 @@ def log_trainable_parameters(model: torch.nn.Module) -> str:
     return line
 
 
+def lora_config(model_args, linear_names_by_module: dict[str, list[str]], modules_to_save: list[str]):
+    """The PEFT config of --use_lora (and --use_dora): adapters on the named linear layers inside each listed
+    module (by path prefix); `modules_to_save` are trained in full and saved with the adapter."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        use_dora=model_args.use_dora,
+        target_modules=lora_target_pattern(linear_names_by_module),
+        modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+
+
 def lora_target_pattern(linear_names_by_module: dict[str, list[str]]) -> str:
     """A PEFT `target_modules` regex: the named linear layers inside each listed module (by path prefix)."""
     return "|".join(
