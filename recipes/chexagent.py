@@ -58,11 +58,13 @@ from vlm_recipes.training import (
     CheckpointCompleteCallback,
     RecipeTrainer,
     ResolvedDeepSpeedConfigCallback,
+    check_quantization,
     finish_run,
     input_grads_only_where_trained,
     log_trainable_parameters,
     lora_config,
     prepare_output_dir,
+    quantized_loading,
     set_requires_grad,
     training_dtype,
 )
@@ -266,6 +268,7 @@ def main():
         assembly_args.text_model_name_or_path if assemble else model_args.model_name_or_path,
         model_args.trust_remote_code,
     )
+    check_quantization(model_args, training_args)  # --load_in_4bit's needs, before anything loads
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------
     # Records that cannot be read are listed by the preflight with the problems it finds: one run, every problem.
@@ -342,6 +345,10 @@ def main():
             dtype=training_dtype(training_args),
             attn_implementation=model_args.attn_implementation,
             trust_remote_code=model_args.trust_remote_code,
+            # --load_in_4bit: QLoRA's 4-bit language model. MODEL-SPECIFIC: the modules kept in 16 bits.
+            **quantized_loading(
+                model_args, training_args, ["vision_tower", "multi_modal_projector", "lm_head"]
+            ),
         )
 
     # MODEL-SPECIFIC: which modules are the vision tower, the projector and the language model.

@@ -42,11 +42,13 @@ from vlm_recipes.training import (
     CheckpointCompleteCallback,
     RecipeTrainer,
     ResolvedDeepSpeedConfigCallback,
+    check_quantization,
     finish_run,
     input_grads_only_where_trained,
     log_trainable_parameters,
     lora_config,
     prepare_output_dir,
+    quantized_loading,
     set_requires_grad,
     training_dtype,
 )
@@ -119,6 +121,7 @@ def main():
     resume_from = prepare_output_dir(training_args)
     # Contradictions between the DeepSpeed JSON and the arguments fail here, not at train().
     check_deepspeed_config(training_args, model_args.model_name_or_path, model_args.trust_remote_code)
+    check_quantization(model_args, training_args)  # --load_in_4bit's needs, before anything loads
 
     # ---- data (read and checked before any weights are loaded) -----------------------------------------------
     # Records that cannot be read are listed by the preflight with the problems it finds: one run, every problem.
@@ -189,6 +192,8 @@ def main():
         dtype=training_dtype(training_args),
         attn_implementation="sdpa" if packed_vision else model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
+        # --load_in_4bit: QLoRA's 4-bit language model. MODEL-SPECIFIC: the modules kept in 16 bits.
+        **quantized_loading(model_args, training_args, ["visual", "lm_head"]),
     )
     if packed_vision:  # one attention kernel per vision layer instead of one per 8x8-patch window
         use_packed_vision_attention(model, model.config.vision_config)

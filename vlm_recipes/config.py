@@ -53,6 +53,13 @@ class ModelArguments:
             "from its direction; slower per step than LoRA, saved and merged the same way."
         },
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: the base weights quantized to 4-bit NF4 by bitsandbytes as they load (with --use_lora "
+            "true, on a CUDA GPU; not with a config that offloads parameters, such as zero3_offload)."
+        },
+    )
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})

@@ -13,7 +13,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import logging
 
 from vlm_recipes.config import ConfigError
-from vlm_recipes.ds_config import auto_keys, describe_resolution, text_hidden_size
+from vlm_recipes.ds_config import auto_keys, describe_resolution, ds_config_in_use, text_hidden_size
 
 logger = logging.get_logger("vlm_recipes")
 
@@ -204,8 +204,55 @@ def log_trainable_parameters(model: torch.nn.Module) -> str:
         total += count
         trainable += count if parameter.requires_grad else 0
     line = f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+    quantized = sum(type(module).__name__ == "Linear4bit" for module in model.modules())
+    if quantized:  # --load_in_4bit: the base layers bitsandbytes holds in 4 bits
+        line += f"; {quantized} linear layers hold 4-bit weights (QLoRA)"
     logger.warning(line)
     return line
+
+
+def quantized_loading(model_args, training_args, keep_in_16_bit: list[str]) -> dict:
+    """from_pretrained's arguments for --load_in_4bit true (QLoRA; none otherwise): the language model's linear
+    layers in NF4 with double quantization, computing in the training dtype; the modules named in `keep_in_16_bit`
+    (vision tower, projector, output head) stay as they are, so that the projector trains in full and the adapter
+    merges into the 16-bit base. Each process quantizes the whole model onto its own GPU."""
+    if not getattr(model_args, "load_in_4bit", False):
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    dtype = training_dtype(training_args)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype, llm_int8_skip_modules=keep_in_16_bit,
+    )  # fmt: skip
+    return {"quantization_config": config, "device_map": {"": training_args.local_process_index}}
+
+
+def check_quantization(model_args, training_args) -> None:
+    """What --load_in_4bit true needs, every missing piece in one error, before anything loads."""
+    if not getattr(model_args, "load_in_4bit", False):
+        return
+    import importlib.util
+
+    problems = []
+    if not model_args.use_lora:
+        problems.append("4-bit weights do not train: pass --use_lora true (QLoRA trains adapters on them)")
+    if training_args.use_cpu or not torch.cuda.is_available():
+        problems.append("bitsandbytes' 4-bit weights need a CUDA GPU; on this machine train LoRA without it")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("bitsandbytes is not installed: pip install bitsandbytes")
+    ds_path = ds_config_in_use(training_args)
+    if ds_path is not None:
+        # Measured on one H200 (DeepSpeed 0.19.8, bitsandbytes 0.50.2, the tiny LLaVA): under zero3.json and under
+        # zero2_offload.json the run failed inside DeepSpeed (AttributeError: 'NoneType' object has no attribute
+        # 'record_stream' / 'numel'); without DeepSpeed it trained.
+        problems.append(
+            f"QLoRA runs without DeepSpeed in these recipes ({ds_path} is in use): under ZeRO-3 and ZeRO-2 the 4-bit "
+            "run failed inside DeepSpeed 0.19.8. Launch with accelerate_configs/single_gpu.yaml (or "
+            "multi_gpu.yaml) and --deepspeed none: the 4-bit weights are small enough to need no sharding"
+        )
+    if problems:
+        raise ConfigError("--load_in_4bit true (QLoRA) cannot run as configured:\n  " + "\n  ".join(problems))
 
 
 def lora_config(model_args, linear_names_by_module: dict[str, list[str]], modules_to_save: list[str]):
