@@ -18,10 +18,7 @@ NUM_PROCESSES ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$$
 
 RECIPE = recipes/$(subst -,_,$(MODEL)).py
 # The recipe YAMLs name ds_configs/zero3_offload.json; an accelerate config that runs neither DeepSpeed nor FSDP
-# (single_gpu.yaml, multi_gpu.yaml) cannot say so to the recipe, so it gets --deepspeed none.
-NO_DEEPSPEED = $(if $(shell grep -E '^distributed_type: *"?(DEEPSPEED|FSDP)' $(ACCELERATE_CONFIG)),,--deepspeed none)
-LAUNCH = $(PYTHON) -m accelerate.commands.accelerate_cli launch --config_file $(ACCELERATE_CONFIG) \
-	--num_processes $(NUM_PROCESSES)
+# (single_gpu.yaml, multi_gpu.yaml) cannot say so to the recipe, so `make train` adds --deepspeed none for it.
 
 ifeq ($(PYTHON),$(VENV)/bin/python)
 INSTALLED := $(VENV)/.installed
@@ -47,8 +44,19 @@ demo: $(INSTALLED)  ## tiny model + demo data, trained with the real launcher an
 	PYTHON=$(PYTHON) NUM_PROCESSES=$(NUM_PROCESSES) ACCELERATE_CONFIG=$(ACCELERATE_CONFIG) \
 		bash scripts/demo.sh $(MODEL)
 
-train: $(INSTALLED)  ## fine-tune: make train MODEL=llava|qwen-vl|chexagent [CONFIG=...] [ARGS="..."]
-	$(LAUNCH) $(RECIPE) $(if $(CONFIG),--config $(CONFIG)) $(NO_DEEPSPEED) $(ARGS)
+# make train launches with the memory planner's fastest config that fits this machine (plan_memory.py --pick: its
+# GPUs, their memory, host RAM, the YAML's model, mode, batch and length), printing which and why; a given
+# ACCELERATE_CONFIG (command line or environment) is used as it is. Without a GPU: the shared ZeRO-3 offload config.
+FORCED_ACCELERATE_CONFIG = $(if $(filter file,$(origin ACCELERATE_CONFIG)),,$(ACCELERATE_CONFIG))
+TRAIN_YAML = $(or $(CONFIG),recipes/configs/$(subst -,_,$(MODEL)).yaml)
+
+train: $(INSTALLED)  ## fine-tune with the fastest config that fits: make train MODEL=llava|qwen-vl|chexagent [CONFIG=...] [ARGS="..."] [ACCELERATE_CONFIG=...]
+	@config="$(FORCED_ACCELERATE_CONFIG)"; \
+	[ -n "$$config" ] || config=$$($(PYTHON) scripts/plan_memory.py --pick --config $(TRAIN_YAML) --gpus $(NUM_PROCESSES)) || exit 1; \
+	grep -qE '^distributed_type: *"?(DEEPSPEED|FSDP)' "$$config" || no_deepspeed="--deepspeed none"; \
+	echo "$(PYTHON) -m accelerate.commands.accelerate_cli launch --config_file $$config --num_processes $(NUM_PROCESSES) $(RECIPE) $(if $(CONFIG),--config $(CONFIG)) $$no_deepspeed $(ARGS)"; \
+	$(PYTHON) -m accelerate.commands.accelerate_cli launch --config_file "$$config" --num_processes $(NUM_PROCESSES) \
+		$(RECIPE) $(if $(CONFIG),--config $(CONFIG)) $$no_deepspeed $(ARGS)
 
 test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 14 minutes on 2 cores without AVX-512)
 	$(PYTHON) -m pytest --durations=25

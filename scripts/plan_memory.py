@@ -12,7 +12,15 @@ the hub is reachable. --config takes the model, training mode and batch settings
 given next to it override them. Hardware defaults: one node with one 80 GiB GPU and 128 GiB of host RAM.
 
 For each config it prints the estimated peak per GPU and the host RAM per node, whether each fits with
---margin to spare, and the fastest config that fits, naming what ruled out the faster ones. docs/configs.md
+--margin to spare, and the fastest config that fits, naming what ruled out the faster ones.
+
+--pick (what `make train` runs): print only the accelerate config file of the recommendation for THIS machine (its
+GPUs' memory and host RAM measured, unless given), and the reason on stderr. Without a CUDA GPU, or when nothing
+fits or the model is not known offline, it prints the shared accelerate_configs/zero3_offload.yaml and says why.
+
+    python scripts/plan_memory.py --pick --config recipes/configs/qwen_vl.yaml --gpus 1
+
+docs/configs.md
 ("Memory planner") says what is modelled, how the estimates compare with measured peaks, and the limits.
 """
 
@@ -99,11 +107,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true", help="a CPU-only run: the 'GPU' memory is host memory")
     parser.add_argument("--breakdown", action="store_true", help="list what each estimate is made of")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--pick", action="store_true",
+                        help="print only the recommended accelerate config file for this machine (make train)")  # fmt: skip
     first, _ = parser.parse_known_args(argv)
     if first.config:
         parser.set_defaults(**defaults_from_recipe_yaml(first.config))
     args = parser.parse_args(argv)
-    if not args.model:
+    if not args.model and not args.pick:
         parser.error("--model (or a --config whose model_name_or_path is set) is required")
     return args
 
@@ -148,13 +158,60 @@ def image_tokens_per_sample(args, config) -> tuple[int | None, str]:
     return None, "the model's usual image size"
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        name, config = load_model_config(args.model)
-    except ModelNotKnownOffline as error:
-        sys.exit(str(error))
-    shape = model_shape(name, config)
+SHARED_CONFIG = "accelerate_configs/zero3_offload.yaml"  # the recipes' YAMLs name its DeepSpeed JSON
+
+
+def measured_hardware(args, argv: list[str]) -> tuple[bool, str]:
+    """Fill --gpu_memory_gib and --host_ram_gib from this machine unless they were given: (a CUDA GPU is
+    visible, or a GPU was described on the command line; what was measured)."""
+    given = {arg.split("=", 1)[0] for arg in argv}
+    if "--gpu_memory_gib" in given:
+        return True, "as given"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU"
+    from vlm_recipes.memory import meminfo_available_bytes
+
+    args.gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    if "--host_ram_gib" not in given:
+        args.host_ram_gib = (meminfo_available_bytes() or args.host_ram_gib * GIB) / GIB
+    return (
+        True,
+        f"measured: {torch.cuda.get_device_name(0)}, {args.gpu_memory_gib:.0f} GiB, host {args.host_ram_gib:.0f} GiB available",
+    )
+
+
+def pick(args, argv: list[str]) -> None:
+    """stdout: the accelerate config `make train` launches with; stderr: why, and how to force another."""
+    force = "force another with make train ACCELERATE_CONFIG=accelerate_configs/<name>.yaml"
+    has_gpu, measured = measured_hardware(args, argv)
+    choice, reason = None, ""
+    if not has_gpu:
+        reason = "no CUDA GPU: the shared ZeRO-3 offload config, as the CPU demo runs it"
+    elif not args.model:
+        reason = "the config names no model_name_or_path to plan for: the shared ZeRO-3 offload config"
+    else:
+        try:
+            name, config = load_model_config(args.model)
+        except ModelNotKnownOffline as error:
+            reason = f"{error} So the shared ZeRO-3 offload config"
+        else:
+            shape = model_shape(name, config)
+            setup, _ = setup_from(args, config)
+            hardware = hardware_from(args)
+            recommendation = recommend(estimate_all(shape, setup, hardware), hardware, args.margin,
+                                       args.fp32_master_weights)  # fmt: skip
+            choice, reason = recommendation.config, f"memory planner ({measured}): {recommendation.reason}"
+            if choice is None:
+                reason += " So the shared ZeRO-3 offload config; its host-RAM check will say if it cannot run"
+    path = f"accelerate_configs/{choice}.yaml" if choice else SHARED_CONFIG
+    print(f"make train: {path}: {reason}; {force}", file=sys.stderr)
+    print(path)
+
+
+def setup_from(args, config) -> tuple[TrainingSetup, str]:
+    """(what the run trains and its batch, where its image tokens per sample come from)."""
     image_tokens, image_tokens_from = image_tokens_per_sample(args, config)
     setup = TrainingSetup.from_mode(
         args.mode,
@@ -167,10 +224,29 @@ def main(argv=None) -> None:
         gradient_checkpointing=not args.no_gradient_checkpointing,
         dataloader_workers=args.dataloader_workers,
     )
-    hardware = Hardware(
+    return setup, image_tokens_from
+
+
+def hardware_from(args) -> Hardware:
+    return Hardware(
         gpus_per_node=args.gpus, nodes=args.nodes, gpu_memory_gib=args.gpu_memory_gib,
         host_ram_gib=args.host_ram_gib, device="cpu" if args.cpu else "cuda",
     )  # fmt: skip
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.pick:
+        pick(args, argv)
+        return
+    try:
+        name, config = load_model_config(args.model)
+    except ModelNotKnownOffline as error:
+        sys.exit(str(error))
+    shape = model_shape(name, config)
+    setup, image_tokens_from = setup_from(args, config)
+    hardware = hardware_from(args)
     estimates = estimate_all(shape, setup, hardware)
     choice = recommend(estimates, hardware, args.margin, args.fp32_master_weights)
     if args.json:

@@ -25,6 +25,7 @@ measured-vs-estimated comparisons and the limits.
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -822,10 +823,15 @@ def setup_from_arguments(
 def hardware_from_environment(training_args) -> Hardware:
     processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by accelerate launch / torchrun
     cuda = torch.cuda.is_available() and not training_args.use_cpu
+    measured = {}
+    if cuda:  # this machine's GPU memory and free host RAM, for the planner's choice of a faster config
+        measured["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB
+        measured["host_ram_gib"] = (meminfo_available_bytes() or 128 * GIB) / GIB
     return Hardware(
         gpus_per_node=processes_per_node,
         nodes=max(training_args.world_size // processes_per_node, 1),
         device="cuda" if cuda else "cpu",
+        **measured,
     )
 
 
@@ -844,6 +850,23 @@ def planned_run(
         model_args.model_name_or_path, model_args.trust_remote_code
     )
     return model_shape(name, config), setup_from_arguments(model_args, data_args, training_args, image_tokens)
+
+
+def faster_config_line(ds_path: Path, shape, setup, hardware: Hardware) -> str | None:
+    """On a GPU machine, one line naming the planner's fastest config that fits when it is faster than the run's
+    (the plain launch's zero3_offload is the slowest), with the command; None otherwise."""
+    current = ds_path.stem
+    if hardware.device != "cuda" or current not in SPEED_ORDER:
+        return None
+    choice = recommend(estimate_all(shape, setup, hardware), hardware)
+    if choice.config is None or SPEED_ORDER.index(choice.config) >= SPEED_ORDER.index(current):
+        return None
+    no_deepspeed = "" if choice.config in (*DEEPSPEED_CONFIGS, "fsdp2") else " --deepspeed none"
+    return (
+        f"memory planner: {choice.config} fits this machine too and is faster than {current}: accelerate launch "
+        f"--config_file accelerate_configs/{choice.config}.yaml recipes/<recipe>.py{no_deepspeed} (make train picks "
+        f"it by itself). {choice.reason}"
+    )
 
 
 def host_need(run_estimate: ConfigEstimate, hardware: Hardware) -> float:
@@ -893,6 +916,9 @@ def check_host_memory(
     run_estimate = host_estimate_for_run(ds_path, shape, setup, hardware)
     need = host_need(run_estimate, hardware)
     if need <= available:
+        line = faster_config_line(ds_path, shape, setup, hardware)
+        if line and os.environ.get("RANK", "0") == "0":
+            print(line, file=sys.stderr, flush=True)
         return
     data = run_estimate.host.get(RECORDS, 0) + run_estimate.host.get(RECORDS_TABLE, 0)
     raise ConfigError(
