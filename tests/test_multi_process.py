@@ -46,11 +46,13 @@ def with_two_bad_records(demo_data, root) -> Path:
 
 
 @requires_processes(2, "compares one process with several")
-# Qwen's parity (two more launches) runs in `make test-extended` and `make test-gpu`.
+# In `make test` LLaVA's parity runs with group_by_length (lengths from the preflight, the order drawn alike on every
+# process): it checks the parity and the shared-out preflight as the default shuffle would, and the grouping too.
+# The default shuffle's and Qwen's parity run in `make test-extended` and `make test-gpu`.
 @pytest.mark.parametrize(
     "recipe, sampling",
     [
-        ("llava", "random"),
+        pytest.param("llava", "random", marks=pytest.mark.extended),
         ("llava", "group_by_length"),
         pytest.param("qwen_vl", "random", marks=pytest.mark.extended),
     ],
