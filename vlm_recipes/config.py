@@ -57,7 +57,7 @@ class ModelArguments:
         default=False,
         metadata={
             "help": "QLoRA: the base weights quantized to 4-bit NF4 by bitsandbytes as they load (with --use_lora "
-            "true, on a CUDA GPU; not with a config that offloads parameters, such as zero3_offload)."
+            "true, on a CUDA GPU, without DeepSpeed for now: single_gpu.yaml or multi_gpu.yaml with --deepspeed none)."
         },
     )
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})

@@ -12,8 +12,8 @@ Accepted inputs (`--dataset_path`):
 
 Every record becomes {"id", "messages" (typed content parts), "images"}; problems are collected over the
 whole file and raised together, each naming the file, the record and the fix (read_records hands them to the
-preflight instead, which lists them with its own). A JSON/JSONL file's records are served from the records cache
-(vlm_recipes/records.py: parsed once, memory-mapped), not held as Python objects.
+preflight instead, which lists them with its own). The records of a JSON/JSONL file or a `datasets` folder are
+served from the records cache (vlm_recipes/records.py: parsed once, memory-mapped), not held as Python objects.
 """
 
 import hashlib

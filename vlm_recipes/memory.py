@@ -222,12 +222,8 @@ def model_shape(name: str, config) -> ModelShape:
         for module in model.modules()
         if type(module).__name__ in block_classes
     ]
-    language_linear_widths, language_linear_inputs, vision_linear_widths, vision_linear_inputs = (
-        {},
-        {},
-        {},
-        {},
-    )
+    language_linear_widths, language_linear_inputs = {}, {}
+    vision_linear_widths, vision_linear_inputs = {}, {}
     for module_name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module_name.endswith("lm_head"):
             continue
@@ -350,11 +346,9 @@ def lora_params(shape: ModelShape, setup: TrainingSetup) -> int:
     # PEFT's LoRA adds A (r x in) and B (out x r) to each targeted linear layer; DoRA also a magnitude (out).
     targeted = [(shape.language_linear_widths, shape.language_linear_inputs, setup.lora_targets),
                 (shape.vision_linear_widths, shape.vision_linear_inputs, setup.lora_vision_targets)]  # fmt: skip
-    widths = sum(widths.get(name, 0) for widths, _, names in targeted for name in names)
-    outputs = sum(
-        widths.get(name, 0) - inputs.get(name, 0) for widths, inputs, names in targeted for name in names
-    )
-    return setup.lora_r * widths + (outputs if setup.use_dora and setup.lora_r else 0)
+    widths = sum(width_of.get(name, 0) for width_of, _, names in targeted for name in names)
+    inputs = sum(inputs_of.get(name, 0) for _, inputs_of, names in targeted for name in names)
+    return setup.lora_r * widths + (widths - inputs if setup.use_dora and setup.lora_r else 0)
 
 
 def parameter_split(shape: ModelShape, setup: TrainingSetup) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The records of a JSON / JSONL dataset file, stored once the way `datasets` stores a dataset: an Arrow file,
+"""The records of a JSON / JSONL dataset file or a `datasets` folder, stored once the way `datasets` stores a dataset: an Arrow file,
 memory-mapped. Every process of a run (and every data-loader worker) reads the same pages through the page cache
 instead of holding its own copy as Python objects, which for LLaVA-1.5's 665k-record mix would be gigabytes per
 process.
@@ -9,6 +9,8 @@ and this module's format version: an edited file is parsed again, an unchanged o
 and every process. The cache is $VLM_RECIPES_CACHE, or ~/.cache/vlm_recipes; each entry is about the size of the
 JSON file; delete the folder to clear it. Image paths are stored as written: whether each file exists (and stays
 under --image_root) is checked on every run, since images can be added or moved without the dataset file changing.
+A `datasets` table is keyed by its own fingerprint and Arrow files (fingerprint_of); its embedded images are stored
+as references into it (EMBEDDED), not copied.
 """
 
 import hashlib
