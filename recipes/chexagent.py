@@ -347,7 +347,7 @@ def main():
             trust_remote_code=model_args.trust_remote_code,
             # --load_in_4bit: QLoRA's 4-bit language model. MODEL-SPECIFIC: the modules kept in 16 bits.
             **quantized_loading(
-                model_args, training_args, ["vision_tower", "multi_modal_projector", "lm_head"]
+                model_args, training_args, ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
             ),
         )
 

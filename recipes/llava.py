@@ -1,5 +1,5 @@
-r"""Fine-tune a LLaVA model (LLaVA-1.5 layout: vision tower, projector, language model) with the HF Trainer
-under DeepSpeed ZeRO-3 with CPU offload.
+r"""Fine-tune a LLaVA model (LLaVA-1.5, LLaVA-NeXT 1.6 or LLaVA-OneVision: vision tower, projector, language model)
+with the HF Trainer under DeepSpeed ZeRO-3 with CPU offload.
 
 Launch (from the repository root):
 
@@ -11,19 +11,22 @@ Launch (from the repository root):
 
 Configs: llava.yaml (LLaVA-1.5 fine-tune stage: projector + language model, vision tower frozen),
 llava_lora.yaml (LoRA on the language model, projector trained), llava_pretrain.yaml (stage 1: projector
-only), llava_demo.yaml (the tiny CPU demo). Any field can be overridden on the command line by its name.
+only), llava_next.yaml (llava-v1.6-mistral-7b-hf), llava_onevision.yaml (llava-onevision-qwen2-7b-ov-hf),
+llava_demo.yaml (the tiny CPU demo). Any field can be overridden on the command line by its name.
+LLaVA-NeXT and OneVision tile each image at any resolution: a sample's image tokens depend on the image's shape
+(measured per record by the preflight; the host-RAM check assumes the largest tiling). OneVision encodes each image
+of a multi-image sample without its tiles, as it was trained, and takes videos as frame lists or files.
 Re-running the same command resumes from the last complete checkpoint in output_dir.
 
-Tested: 2 CPU processes over gloo (tiny model, tests/test_llava_recipe.py; a tiny model around llava-1.5-7b-hf's own
-processor files, launched plainly, learns to answer and stop: tests/test_real_checkpoints.py).
-To fine-tune another LLaVA-architecture model, copy this file and its YAML: the lines marked MODEL-SPECIFIC
-are the ones to change.
+Tested: 2 CPU processes over gloo (tiny LLaVA-1.5, LLaVA-NeXT and OneVision, tests/test_llava_recipe.py; a tiny
+model around llava-1.5-7b-hf's own processor files, launched plainly, learns to answer and stop, and tiny models
+around llava-v1.6-mistral's and OneVision's processor configs and templates train: tests/test_real_checkpoints.py).
 """
 
 from pathlib import Path
 
 from peft import get_peft_model
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig
 
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
@@ -31,6 +34,7 @@ from vlm_recipes.data import ConversationDataset, media_kinds, read_records
 from vlm_recipes.ds_config import check_deepspeed_config
 from vlm_recipes.masking import image_tokens_at_cap
 from vlm_recipes.memory import check_host_memory
+from vlm_recipes.parts import ModelParts, adapters_for, freeze_parts
 from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
@@ -41,20 +45,54 @@ from vlm_recipes.training import (
     finish_run,
     input_grads_only_where_trained,
     log_trainable_parameters,
-    lora_config,
     prepare_output_dir,
     quantized_loading,
-    set_requires_grad,
     training_dtype,
 )
 
+# isort: split
+# ==== MODEL-SPECIFIC ==================================================================================================
+# All this recipe knows about its models. A recipe for another architecture is a copy of this file with its own
+# docstring and this block; main() below reads the block, the checkpoint's config and its processor, nothing else.
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llava.yaml"
+# The config.json model_type values this recipe trains.
+MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+PARTS = ModelParts(  # module paths, as print(model) shows them
+    vision_tower="model.vision_tower",
+    # NeXT and OneVision also learn image_newline, the embedding written after each row of an image's tiles.
+    projector=("model.multi_modal_projector", "model.image_newline"),
+    language_model="model.language_model",
+)
+RECIPE_ARGUMENTS = ()  # this recipe's own argument dataclasses, parsed with the shared ones (qwen_vl.py: pixel caps)
+
+
+def load_processor(model_args, *recipe_args):
+    return AutoProcessor.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+
+
+def fewer_media_tokens(tokens_at_cap: int) -> str:
+    """The advice for a sample whose images do not fit --max_length."""
+    return f"use fewer images per sample (each is {tokens_at_cap:,} tokens)"
+
+
+def load_model(model_args, **loading):
+    """The model, with the shared loading arguments (dtype, attention, QLoRA's quantization)."""
+    return AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **loading)
+
+
+# ==== end of MODEL-SPECIFIC ===========================================================================================
 
 
 def main():
     # ---- arguments ------------------------------------------------------------------------------------------
     # TrainingArguments come first: under ZeRO-3 they switch on partitioned model construction (zero.Init).
-    model_args, data_args, training_args = parse_recipe_args(DEFAULT_CONFIG)
+    model_args, data_args, training_args, *recipe_args = parse_recipe_args(
+        DEFAULT_CONFIG, extra_classes=RECIPE_ARGUMENTS
+    )
     resume_from = prepare_output_dir(training_args)
     # Contradictions between the DeepSpeed JSON and the arguments fail here, not at train().
     check_deepspeed_config(training_args, model_args.model_name_or_path, model_args.trust_remote_code)
@@ -83,23 +121,23 @@ def main():
     model_type = AutoConfig.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     ).model_type
-    if model_type != "llava":  # MODEL-SPECIFIC: the architecture this recipe trains
+    if model_type not in MODEL_TYPES:
         raise ConfigError(
-            f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/llava.py trains 'llava' "
-            "(LLaVA-1.5 layout) models. LLaVA-NeXT and OneVision are not supported yet (see README)."
+            f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/{Path(__file__).name} trains "
+            f"{', '.join(MODEL_TYPES)} models (README: the model table)"
         )
-    processor = AutoProcessor.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
-    )
+    processor = load_processor(model_args, *recipe_args)
     # An offload config needing more host RAM than the machine has (model states and the records) fails here; the
     # image tokens per sample are the processor's own, measured at its cap.
+    tokens_at_cap = image_tokens_at_cap(processor)
     check_host_memory(
-        training_args, model_args, data_args, image_tokens=image_tokens_at_cap(processor),
-        records=(train_records, eval_records),
+        training_args, model_args, data_args, image_tokens=tokens_at_cap, records=(train_records, eval_records),
+        parts=PARTS,
     )  # fmt: skip
     # ---- preflight: every record becomes a sample once, before any weights load -------------------------------
+    advice = fewer_media_tokens(tokens_at_cap)  # for a sample whose images do not fit max_length
     train_dataset = preflight(
-        ConversationDataset(train_records, processor, data_args.max_length),
+        ConversationDataset(train_records, processor, data_args.max_length, advice),
         data_args.dataset_path,
         data_args.skip_bad_records,
         training_args.dataloader_num_workers,
@@ -107,7 +145,7 @@ def main():
     )
     eval_dataset = (
         preflight(
-            ConversationDataset(eval_records, processor, data_args.max_length),
+            ConversationDataset(eval_records, processor, data_args.max_length, advice),
             data_args.eval_dataset_path,
             data_args.skip_bad_records,
             training_args.dataloader_num_workers,
@@ -117,42 +155,30 @@ def main():
         else None
     )
 
-    model = LlavaForConditionalGeneration.from_pretrained(  # MODEL-SPECIFIC: the model class
-        model_args.model_name_or_path,
+    model = load_model(
+        model_args,
         dtype=training_dtype(training_args),
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
-        # --load_in_4bit: QLoRA's 4-bit language model. MODEL-SPECIFIC: the modules kept in 16 bits.
-        **quantized_loading(model_args, training_args, ["vision_tower", "multi_modal_projector", "lm_head"]),
+        # --load_in_4bit: QLoRA's 4-bit language model; the vision tower, projector and output head stay 16-bit.
+        **quantized_loading(model_args, training_args, PARTS.kept_in_16_bit()),
     )
-
-    # MODEL-SPECIFIC: which modules are the vision tower, the projector and the language model.
-    set_requires_grad(model.model.vision_tower, not model_args.freeze_vision_tower)
-    set_requires_grad(model.model.multi_modal_projector, not model_args.freeze_projector)
-    set_requires_grad(model.model.language_model, not model_args.freeze_language_model)
-    set_requires_grad(model.lm_head, not model_args.freeze_language_model)
-
+    freeze_parts(
+        model, PARTS, model_args
+    )  # --freeze_vision_tower, --freeze_projector, --freeze_language_model
     if model_args.use_lora:
-        # LoRA (or DoRA with --use_dora true) on the named linear layers of each module.
-        adapters = lora_config(
-            model_args,
-            # MODEL-SPECIFIC: the module paths of the language model and the vision tower.
-            {
-                "model.language_model": model_args.lora_target_modules,
-                "model.vision_tower": model_args.lora_vision_target_modules,
-            },
-            # The projector is new for every fine-tune, so it is trained in full and saved with the adapter.
-            modules_to_save=[] if model_args.freeze_projector else ["multi_modal_projector"],
-        )
-        model = get_peft_model(model, adapters)
+        # LoRA (or DoRA with --use_dora true) on the named linear layers of the language model and vision tower;
+        # the projector, new for every fine-tune, is trained in full and saved with the adapter unless frozen.
+        model = get_peft_model(model, adapters_for(model, PARTS, model_args))
     # With gradient checkpointing the Trainer hooks the input embeddings so that reentrant checkpointing has an
     # input that requires grad; only where something trains, so that a frozen vision tower runs no backward.
     input_grads_only_where_trained(model)
     log_trainable_parameters(model)
 
     # ---- data + collator --------------------------------------------------------------------------------------
-    # Every micro-batch holds each kind of visual input the data has (blank unlabelled rows where missing), so every
-    # ZeRO-3 rank makes the same vision-tower calls (see the collator).
+    # Pads what is per token (input_ids, labels, attention masks, token types) and concatenates what is per image
+    # (pixel values, grids, sizes). Every micro-batch holds each kind of visual input the data has (blank unlabelled
+    # rows where missing), so every ZeRO-3 rank makes the same vision-tower calls (see the collator).
     collator = ConversationCollator(
         processor,
         guard_text_only_batches=data_args.guard_text_only_batches,

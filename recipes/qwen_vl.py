@@ -1,5 +1,5 @@
-r"""Fine-tune a Qwen-VL model (Qwen2-VL, Qwen2.5-VL or Qwen3-VL dense: vision tower, merger, language model)
-with the HF Trainer under DeepSpeed ZeRO-3 with CPU offload.
+r"""Fine-tune a Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL MoE: vision tower, merger, language
+model) with the HF Trainer under DeepSpeed ZeRO-3 with CPU offload.
 
 Launch (from the repository root):
 
@@ -18,24 +18,27 @@ checked at start by measuring a probe image through the processor. --attn_implem
 tower one packed attention kernel per layer (vlm_recipes/attention.py; 1.8x faster on an H100, docs/benchmarks.md).
 Re-running the same command resumes from the last complete checkpoint in output_dir.
 
-Tested: 2 CPU processes over gloo (tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL, tests/test_qwen_vl_recipe.py; tiny
-models around the real checkpoints' processor files, tests/test_real_checkpoints.py).
+Qwen3-VL MoE (Qwen3-VL-30B-A3B): transformers holds each layer's experts as one 3-D parameter, so ZeRO-3 gathers
+all of them whichever experts the tokens of a rank pick, and ranks that route differently do not wait on each other
+(no ZeRO-3 leaf module is needed); LoRA adapts its attention, not its experts (they are parameters, not Linear layers).
+
+Tested: 2 CPU processes over gloo (tiny Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL MoE, tests/test_qwen_vl_recipe.py;
+tiny models around the real checkpoints' processor files, tests/test_real_checkpoints.py).
 The original 2023 Qwen-VL exists only as remote code for old transformers and is not supported.
 """
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import get_peft_model
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig
 
-from vlm_recipes.attention import PACKED_VISION_ATTENTION, use_packed_vision_attention
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, media_kinds, read_records
 from vlm_recipes.ds_config import check_deepspeed_config
-from vlm_recipes.masking import PROBE_SIDE, image_tokens_at_cap, media_tokens_for
+from vlm_recipes.masking import image_tokens_at_cap
 from vlm_recipes.memory import check_host_memory
+from vlm_recipes.parts import ModelParts, adapters_for, freeze_parts
 from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
@@ -46,19 +49,37 @@ from vlm_recipes.training import (
     finish_run,
     input_grads_only_where_trained,
     log_trainable_parameters,
-    lora_config,
     prepare_output_dir,
     quantized_loading,
-    set_requires_grad,
     training_dtype,
 )
 
+# isort: split
+# ==== MODEL-SPECIFIC ==================================================================================================
+# All this recipe knows about its models. A recipe for another architecture is a copy of this file with its own
+# docstring and this block; main() below reads the block, the checkpoint's config and its processor, nothing else.
+from dataclasses import dataclass, field
+
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlm_recipes.attention import PACKED_VISION_ATTENTION, use_packed_vision_attention
+from vlm_recipes.masking import PROBE_SIDE, media_tokens_for
+
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen_vl.yaml"
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # MODEL-SPECIFIC
+# The config.json model_type values this recipe trains.
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+PARTS = ModelParts(  # module paths, as print(model) shows them
+    vision_tower="model.visual",
+    # The merger inside the tower projects image features into the language model (Qwen3-VL: its deepstack
+    # mergers too, which feed early decoder layers).
+    projector=("model.visual.merger", "model.visual.deepstack_merger_list"),
+    language_model="model.language_model",
+    vision_lora_scope="model.visual.blocks",  # vision LoRA in the blocks, not in the merger trained in full
+)
 
 
 @dataclass
-class QwenImageArguments:  # MODEL-SPECIFIC: Qwen's image and video processors resize to a pixel budget
+class QwenImageArguments:  # Qwen's image and video processors resize to a pixel budget
     min_pixels: int | None = field(
         default=None,
         metadata={"help": "Smallest image area in pixels (default: the checkpoint's). Each (patch x merge)^2 block "
@@ -79,7 +100,7 @@ class QwenImageArguments:  # MODEL-SPECIFIC: Qwen's image and video processors r
     )  # fmt: skip
 
 
-def load_processor(model_args, image_args):  # MODEL-SPECIFIC: the pixel caps
+def load_processor(model_args, image_args):
     """The checkpoint's processor, with --min_pixels/--max_pixels applied to its image processor and
     --video_min_pixels/--video_max_pixels to its video processor, checked by measuring a probe image.
 
@@ -112,11 +133,36 @@ def load_processor(model_args, image_args):  # MODEL-SPECIFIC: the pixel caps
     return processor
 
 
+RECIPE_ARGUMENTS = (
+    QwenImageArguments,
+)  # this recipe's own argument dataclasses, parsed with the shared ones
+
+
+def fewer_media_tokens(tokens_at_cap: int) -> str:
+    """The advice for a sample whose images do not fit --max_length."""
+    return f"lower --max_pixels or --video_max_pixels (an image is now up to {tokens_at_cap:,} tokens)"
+
+
+def load_model(model_args, **loading):
+    """The model, with the shared loading arguments (dtype, attention, QLoRA's quantization). sdpa_varlen gives the
+    vision tower one attention kernel per layer instead of one per 8x8-patch window (see attention.py)."""
+    packed_vision = loading["attn_implementation"] == PACKED_VISION_ATTENTION
+    if packed_vision:
+        loading["attn_implementation"] = "sdpa"
+    model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **loading)
+    if packed_vision:
+        use_packed_vision_attention(model, model.config.vision_config)
+    return model
+
+
+# ==== end of MODEL-SPECIFIC ===========================================================================================
+
+
 def main():
     # ---- arguments ------------------------------------------------------------------------------------------
     # TrainingArguments come first: under ZeRO-3 they switch on partitioned model construction (zero.Init).
-    model_args, data_args, training_args, image_args = parse_recipe_args(
-        DEFAULT_CONFIG, extra_classes=(QwenImageArguments,)
+    model_args, data_args, training_args, *recipe_args = parse_recipe_args(
+        DEFAULT_CONFIG, extra_classes=RECIPE_ARGUMENTS
     )
     resume_from = prepare_output_dir(training_args)
     # Contradictions between the DeepSpeed JSON and the arguments fail here, not at train().
@@ -146,27 +192,23 @@ def main():
     model_type = AutoConfig.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     ).model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in MODEL_TYPES:
         raise ConfigError(
-            f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/qwen_vl.py trains "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
+            f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/{Path(__file__).name} trains "
+            f"{', '.join(MODEL_TYPES)} models (README: the model table)"
         )
-    processor = load_processor(model_args, image_args)
-    # The host RAM a run needs depends on the image tokens per sample: the processor's, measured at its cap.
+    processor = load_processor(model_args, *recipe_args)
+    # An offload config needing more host RAM than the machine has (model states and the records) fails here; the
+    # image tokens per sample are the processor's own, measured at its cap.
     tokens_at_cap = image_tokens_at_cap(processor)
     check_host_memory(
-        training_args,
-        model_args,
-        data_args,
-        image_tokens=tokens_at_cap,
-        records=(train_records, eval_records),
-    )
-    fewer_media_tokens = (  # MODEL-SPECIFIC: the advice for a sample whose images do not fit max_length
-        f"lower --max_pixels or --video_max_pixels (an image is now up to {tokens_at_cap:,} tokens)"
-    )
+        training_args, model_args, data_args, image_tokens=tokens_at_cap, records=(train_records, eval_records),
+        parts=PARTS,
+    )  # fmt: skip
     # ---- preflight: every record becomes a sample once, before any weights load -------------------------------
+    advice = fewer_media_tokens(tokens_at_cap)  # for a sample whose images do not fit max_length
     train_dataset = preflight(
-        ConversationDataset(train_records, processor, data_args.max_length, fewer_media_tokens),
+        ConversationDataset(train_records, processor, data_args.max_length, advice),
         data_args.dataset_path,
         data_args.skip_bad_records,
         training_args.dataloader_num_workers,
@@ -174,7 +216,7 @@ def main():
     )
     eval_dataset = (
         preflight(
-            ConversationDataset(eval_records, processor, data_args.max_length, fewer_media_tokens),
+            ConversationDataset(eval_records, processor, data_args.max_length, advice),
             data_args.eval_dataset_path,
             data_args.skip_bad_records,
             training_args.dataloader_num_workers,
@@ -184,52 +226,30 @@ def main():
         else None
     )
 
-    packed_vision = (
-        model_args.attn_implementation == PACKED_VISION_ATTENTION
-    )  # MODEL-SPECIFIC (see attention.py)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_args.model_name_or_path,
+    model = load_model(
+        model_args,
         dtype=training_dtype(training_args),
-        attn_implementation="sdpa" if packed_vision else model_args.attn_implementation,
+        attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
-        # --load_in_4bit: QLoRA's 4-bit language model. MODEL-SPECIFIC: the modules kept in 16 bits.
-        **quantized_loading(model_args, training_args, ["visual", "lm_head"]),
+        # --load_in_4bit: QLoRA's 4-bit language model; the vision tower, projector and output head stay 16-bit.
+        **quantized_loading(model_args, training_args, PARTS.kept_in_16_bit()),
     )
-    if packed_vision:  # one attention kernel per vision layer instead of one per 8x8-patch window
-        use_packed_vision_attention(model, model.config.vision_config)
-
-    # MODEL-SPECIFIC: the vision tower is model.visual, whose merger (Qwen3-VL: also its deepstack mergers)
-    # projects image features into the language model; set the tower first, then the merger.
-    mergers = [name for name in ("merger", "deepstack_merger_list") if hasattr(model.model.visual, name)]
-    set_requires_grad(model.model.visual, not model_args.freeze_vision_tower)
-    for name in mergers:
-        set_requires_grad(getattr(model.model.visual, name), not model_args.freeze_projector)
-    set_requires_grad(model.model.language_model, not model_args.freeze_language_model)
-    set_requires_grad(model.lm_head, not model_args.freeze_language_model)
-
+    freeze_parts(
+        model, PARTS, model_args
+    )  # --freeze_vision_tower, --freeze_projector, --freeze_language_model
     if model_args.use_lora:
-        # LoRA (or DoRA with --use_dora true) on the named linear layers of each module.
-        adapters = lora_config(
-            model_args,
-            # MODEL-SPECIFIC: the module paths of the language model and the vision tower.
-            {
-                "model.language_model": model_args.lora_target_modules,
-                "model.visual.blocks": model_args.lora_vision_target_modules,
-            },
-            # The merger is trained in full and saved with the adapter unless it is frozen.
-            modules_to_save=[] if model_args.freeze_projector else mergers,
-        )
-        model = get_peft_model(model, adapters)
+        # LoRA (or DoRA with --use_dora true) on the named linear layers of the language model and vision tower;
+        # the projector, new for every fine-tune, is trained in full and saved with the adapter unless frozen.
+        model = get_peft_model(model, adapters_for(model, PARTS, model_args))
     # With gradient checkpointing the Trainer hooks the input embeddings so that reentrant checkpointing has an
     # input that requires grad; only where something trains, so that a frozen vision tower runs no backward.
     input_grads_only_where_trained(model)
     log_trainable_parameters(model)
 
     # ---- data + collator --------------------------------------------------------------------------------------
-    # Pads input_ids, labels, attention_mask and mm_token_type_ids (which transformers 5 requires next to
-    # image_grid_thw); concatenates pixel_values and the image/video grids.
-    # Every micro-batch holds each kind of visual input the data has (blank unlabelled rows where missing), so every
-    # ZeRO-3 rank makes the same vision-tower calls (see the collator).
+    # Pads what is per token (input_ids, labels, attention masks, token types) and concatenates what is per image
+    # (pixel values, grids, sizes). Every micro-batch holds each kind of visual input the data has (blank unlabelled
+    # rows where missing), so every ZeRO-3 rank makes the same vision-tower calls (see the collator).
     collator = ConversationCollator(
         processor,
         guard_text_only_batches=data_args.guard_text_only_batches,

@@ -186,7 +186,7 @@ def build_qwen(output_dir: Path, seed: int, family: str) -> None:
     )
     # head_dim 16: the multimodal rotary sections (time, height, width) must add up to head_dim / 2.
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    patch_size = 16 if family == "qwen3-vl" else 14
+    patch_size = 16 if family.startswith("qwen3-vl") else 14
     if family == "qwen2-vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=patch_size)
         config = Qwen2VLConfig(
@@ -213,16 +213,21 @@ def build_qwen(output_dir: Path, seed: int, family: str) -> None:
             num_position_embeddings=16, deepstack_visual_indexes=[0],
         )  # fmt: skip
         rope3 = {**rope, "mrope_interleaved": True}
-        config = Qwen3VLConfig(
-            text_config={**text, "head_dim": 16, "rope_parameters": rope3},
-            vision_config=vision,
-            **MEDIA_IDS(ids),
-        )
-        model_class, processor_class, video_class = (
-            Qwen3VLForConditionalGeneration,
-            Qwen3VLProcessor,
-            Qwen3VLVideoProcessor,
-        )
+        text3 = {**text, "head_dim": 16, "rope_parameters": rope3}
+        if family == "qwen3-vl-moe":
+            # 64 experts, two per token: on a micro-batch of about 250 tokens some experts get none, so the ranks
+            # of a ZeRO-3 run route differently (Qwen3-VL-30B-A3B: 128 experts, 8 per token).
+            from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+            text3.update(
+                num_experts=64, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1
+            )
+            config = Qwen3VLMoeConfig(text_config=text3, vision_config=vision, **MEDIA_IDS(ids))
+            model_class = Qwen3VLMoeForConditionalGeneration
+        else:
+            config = Qwen3VLConfig(text_config=text3, vision_config=vision, **MEDIA_IDS(ids))
+            model_class = Qwen3VLForConditionalGeneration
+        processor_class, video_class = Qwen3VLProcessor, Qwen3VLVideoProcessor
     torch.manual_seed(seed)
     model = model_class(config)
     model.generation_config.pad_token_id = ids["pad_token_id"]
@@ -298,6 +303,115 @@ def build_llava(output_dir: Path, seed: int) -> None:
         num_additional_image_tokens=1,  # CLIP's class token; "default" drops it again
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+# A ChatML template of our own for the tiny OneVision: llava-onevision's real one writes "assistant \n" and puts
+# {% generation %} markers around the answer but not around <|im_end|>; this one does neither, on purpose.
+ONEVISION_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{%- for p in parts -%}"
+    "{%- if p['type'] == 'image' -%}<image>\n{%- elif p['type'] == 'video' -%}<video>\n"
+    "{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}"
+    "{%- endfor -%}<|im_end|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+)
+# Any-resolution tiling at the tiny tile size (32 pixels): an image is resized to the best of these grids, cut into
+# 32x32 tiles, and each tile plus a 32x32 overview becomes image tokens; so images of other shapes get other counts.
+TINY_GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def build_llava_next(output_dir: Path, seed: int) -> None:
+    """Tiny LLaVA-NeXT (1.6): CLIP tiles of 32x32 pixels (16 patches + class token each), a Mistral language model,
+    image_newline after each row of the unpadded tile grid; our vicuna-style template and BPE."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        MistralConfig,
+    )
+
+    tokenizer = build_tokenizer()
+    image_size, patch_size = 32, 8
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        patch_size=patch_size, projection_dim=32,
+    )  # fmt: skip
+    text = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=TINY_GRID_PINPOINTS,
+        image_seq_length=(image_size // patch_size) ** 2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=TINY_GRID_PINPOINTS,
+    )  # fmt: skip
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    )  # fmt: skip
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+def build_llava_onevision(output_dir: Path, seed: int) -> None:
+    """Tiny LLaVA-OneVision: SigLIP tiles of 32x32 pixels (16 patches, no class token), a Qwen2 language model,
+    any-resolution images (at most 9 tiles' worth of features) and videos (frames pooled 2x2); our ChatML."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+    )
+
+    bpe = train_bpe([*QWEN_SPECIAL_TOKENS, "<image>", "<video>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"}, padding_side="right",
+    )  # fmt: skip
+    image_size, patch_size = 32, 8
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        patch_size=patch_size,
+    )  # fmt: skip
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )  # fmt: skip
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_grid_pinpoints=TINY_GRID_PINPOINTS,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    size = {"height": image_size, "width": image_size}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=TINY_GRID_PINPOINTS),
+        video_processor=LlavaOnevisionVideoProcessor(size=size), tokenizer=tokenizer,
+        num_image_tokens=(image_size // patch_size) ** 2, vision_feature_select_strategy="full",
+        chat_template=ONEVISION_CHAT_TEMPLATE,
+    )  # fmt: skip
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
 
@@ -475,7 +589,10 @@ BUILDERS = {
     "qwen2-vl": lambda output_dir, seed: build_qwen(output_dir, seed, "qwen2-vl"),
     "qwen2.5-vl": lambda output_dir, seed: build_qwen(output_dir, seed, "qwen2.5-vl"),
     "qwen3-vl": lambda output_dir, seed: build_qwen(output_dir, seed, "qwen3-vl"),
+    "qwen3-vl-moe": lambda output_dir, seed: build_qwen(output_dir, seed, "qwen3-vl-moe"),
     "chexagent": build_chexagent,
+    "llava-next": build_llava_next,
+    "llava-onevision": build_llava_onevision,
 }
 # `make demo MODEL=qwen-vl` and the recipes name the family by recipe; the default Qwen is 2.5.
 BUILDERS["qwen-vl"] = BUILDERS["qwen2.5-vl"]

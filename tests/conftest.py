@@ -343,17 +343,20 @@ def assert_planner_counts_what_the_run_trained(recipe: str, args: list, model_co
     as the recipe's host-RAM check calls it) equal what the run trained (run_stats: requires_grad after the
     recipe's freezing and PEFT). `model_config_dir`: where the config of a model the recipe assembles itself
     was saved (CheXagent's stage 1). A recipe that freezes or adapts what the planner does not expect fails."""
-    from vlm_recipes.config import parse_recipe_args, pop_flag, recipe_argument_classes
+    from vlm_recipes.config import load_recipe, parse_recipe_args, pop_flag, recipe_argument_classes
     from vlm_recipes.memory import load_model_config, parameter_split, planned_run
     from vlm_recipes.run_stats import read_run_stats
 
     own_classes, default_config = recipe_argument_classes(REPO / "recipes" / f"{recipe}.py")
+    parts = getattr(
+        load_recipe(REPO / "recipes" / f"{recipe}.py"), "PARTS", None
+    )  # as its host-RAM check does
     _, argv = pop_flag([str(arg) for arg in args], "deepspeed")  # parsed here without DeepSpeed's set-up
     model_args, data_args, training_args, *_ = parse_recipe_args(
         default_config, [*argv, "--deepspeed", "none"], own_classes
     )
     model_config = load_model_config(str(model_config_dir)) if model_config_dir else None
-    shape, setup = planned_run(model_args, data_args, training_args, model_config=model_config)
+    shape, setup = planned_run(model_args, data_args, training_args, model_config=model_config, parts=parts)
     trainable, frozen = parameter_split(shape, setup)
     for rank in read_run_stats(training_args.output_dir):
         counted = rank["parameter_elements_trainable"], rank["parameter_elements_total"]

@@ -256,3 +256,65 @@ def test_recipe_help_lists_hf_argument_names(run_in_process):
     for name in ("--model_name_or_path", "--dataset_path", "--image_root", "--freeze_vision_tower", "--use_lora",
                  "--per_device_train_batch_size", "--overwrite_output_dir"):  # fmt: skip
         assert name in out
+
+
+# ---- LLaVA-NeXT and OneVision: any-resolution tiling through the same recipe -------------------------------------
+
+# Image shapes that tile differently at the tiny 32-pixel tile: square, wide and tall grids, and unpadding.
+ANY_RESOLUTION_SHAPES = [(64, 64), (96, 40), (40, 96), (80, 56)]
+
+
+def write_any_resolution_data(demo_data, folder, with_videos: bool):
+    """The demo's colour and side questions on images of four shapes (so the samples of one micro-batch have
+    different numbers of tiles), plus two-image, text-only and, for OneVision, 4-frame video records."""
+    from PIL import Image
+
+    records = json.loads((demo_data / "train.json").read_text())[:48]
+    (folder / "images").mkdir(parents=True)
+    for index, record in enumerate(records):
+        name = f"images/{index:03d}.png"
+        shape = ANY_RESOLUTION_SHAPES[index % len(ANY_RESOLUTION_SHAPES)]
+        Image.open(demo_data / record["image"]).convert("RGB").resize(shape).save(folder / name)
+        record["image"] = name
+    two = {"image": [records[0]["image"], records[1]["image"]], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nWhat color is the first shape? Answer with one word."},
+        {"from": "gpt", "value": records[0]["conversations"][1]["value"]}]}  # fmt: skip
+    text = {"conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}]}
+    extra = [two, text] * 4
+    if with_videos:
+        same_shape = range(0, 16, len(ANY_RESOLUTION_SHAPES))  # a video's frames share one size
+        video = {"video": [records[k]["image"] for k in same_shape], "conversations": [
+            {"from": "human", "value": "<video>\nWhat color is the shape? Answer with one word."},
+            {"from": "gpt", "value": records[0]["conversations"][1]["value"]}]}  # fmt: skip
+        extra += [video] * 4
+    (folder / "train.json").write_text(json.dumps(records + extra))
+    return folder / "train.json"
+
+
+@pytest.mark.gpu_e2e
+@pytest.mark.parametrize("family", ["llava-next", "llava-onevision"])
+def test_any_resolution_llava_trains_under_zero3_and_reloads(tiny_model, demo_data, tmp_path, family):
+    """LLaVA-NeXT and OneVision through recipes/llava.py under the shared ZeRO-3 offload config on 2 processes:
+    micro-batches mix images of different tile counts (collated with image_sizes), two-image and text-only samples
+    (and videos for OneVision); the loss falls, the saved model equals the trained weights, and the projector and
+    image_newline trained while the vision tower stayed as loaded."""
+    from transformers import AutoModelForImageTextToText
+
+    model_dir, output_dir = tiny_model(family), tmp_path / "out"
+    dataset = write_any_resolution_data(demo_data, tmp_path / "data", with_videos=family == "llava-onevision")
+    args = [
+        "--config", "recipes/configs/llava_demo.yaml", "--model_name_or_path", model_dir,
+        "--dataset_path", dataset, "--image_root", tmp_path / "data", "--output_dir", output_dir,
+        "--max_steps", "32", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--warmup_steps", "2",
+        "--logging_steps", "4", "--save_strategy", "steps", "--save_steps", "32", "--max_length", "256",
+    ]  # fmt: skip
+    result = launch_recipe("llava.py", args)
+    assert f"preflight: all {len(json.loads(dataset.read_text()))} records" in result.stdout
+    losses = logged_losses(output_dir)
+    assert losses[32] < 0.6 * losses[4], losses
+    changed = assert_saved_equals_trained(AutoModelForImageTextToText, output_dir, "checkpoint-32", model_dir)
+    assert "model.image_newline" in changed
+    assert any(name.startswith("model.multi_modal_projector.") for name in changed)
+    assert any(name.startswith("model.language_model.") for name in changed)
+    assert not any(name.startswith("model.vision_tower.") for name in changed)
+    assert_planner_counts_what_the_run_trained("llava", args)

@@ -369,6 +369,23 @@ def test_collator_pads_labels_with_ignore_index_and_input_ids_with_pad(processor
     assert tuple(batch["pixel_values"].shape) == (1, 3, 16, 16)
 
 
+def test_per_image_tensors_of_different_tile_counts_are_padded_with_zeros_like_the_processor_does():
+    """Any-resolution tiling (LLaVA-NeXT, OneVision) gives each image its own number of tiles: rows are concatenated
+    and the tile dimension padded with zeros (the model reads the real count from image_sizes); equal shapes are
+    concatenated as they are."""
+    from vlm_recipes.collator import concatenate_padded
+
+    five_tiles, two_images_of_three = torch.ones(1, 5, 3, 2, 2), torch.full((2, 3, 3, 2, 2), 2.0)
+    batch = concatenate_padded([five_tiles, two_images_of_three])
+    assert tuple(batch.shape) == (3, 5, 3, 2, 2)
+    assert torch.equal(batch[0], five_tiles[0]) and torch.equal(batch[1, :3], two_images_of_three[0])
+    assert batch[1:, 3:].abs().sum() == 0
+    masks = concatenate_padded([torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)])
+    assert masks.tolist() == [[True] * 4, [True, True, False, False]]
+    same = [torch.randn(4, 6), torch.randn(2, 6)]
+    assert torch.equal(concatenate_padded(same), torch.cat(same))
+
+
 # --- truncation ---------------------------------------------------------------------------------------------
 
 

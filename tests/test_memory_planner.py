@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from tests.conftest import REPO, launch_recipe
+from tests.real_checkpoints import requires_real
 from vlm_recipes import memory
 from vlm_recipes.config import ConfigError, ModelArguments
 from vlm_recipes.data import ConversationDataset, load_records
@@ -473,3 +474,16 @@ def test_the_plain_launch_names_a_faster_config_that_fits(monkeypatch, capsys, g
         f"memory planner: {faster} fits this machine too and is faster than zero3_offload: "
     )
     assert f"--config_file accelerate_configs/{faster}.yaml recipes/<recipe>.py --deepspeed none" in said
+
+
+@requires_real("qwen3-vl-30b-a3b-instruct")
+def test_the_real_qwen3_vl_moe_config_counts_every_expert_and_the_experts_as_the_largest_layer():
+    """Qwen3-VL-30B-A3B's config (../shared/real-checkpoints): 31.07B parameters, 30.5B of them the language model's;
+    each layer's 128 experts are one module of 128 x 3 x 768 x 2048 parameters, the largest DeepSpeed gathers."""
+    from tests.real_checkpoints import real_folder
+
+    name, config = memory.load_model_config(str(real_folder("qwen3-vl-30b-a3b-instruct")))
+    shape = memory.model_shape(name, config)
+    assert config.model_type == "qwen3_vl_moe"
+    assert round(shape.total_params / 1e9, 2) == 31.07 and round(shape.language_params / 1e9, 1) == 30.5
+    assert shape.largest_layer_params == 128 * 3 * 768 * 2048

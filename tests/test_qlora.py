@@ -49,6 +49,29 @@ def test_every_missing_piece_of_qlora_is_named_in_one_error(monkeypatch):
     check_quantization(ModelArguments("m"), Arguments(offload, use_cpu=True))
 
 
+def test_qlora_keeps_each_recipes_vision_tower_projector_and_head_in_16_bits(tiny_model):
+    """transformers' own rule for llm_int8_skip_modules (a pattern matches a module name from its start, or its end)
+    applied to each recipe's ModelParts.kept_in_16_bit: every Linear of the vision tower, the projector and the output
+    head is kept, every Linear of the language model's decoder is quantized. Bare names ("multi_modal_projector")
+    matched nothing and left the projector in 4 bits on the GPU."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from vlm_recipes.config import load_recipe
+
+    for recipe, family in [("llava", "llava"), ("llava", "llava-next"), ("qwen_vl", "qwen2.5-vl")]:
+        parts = load_recipe(REPO / "recipes" / f"{recipe}.py").PARTS
+        model = AutoModelForImageTextToText.from_pretrained(tiny_model(family))
+        kept = parts.kept_in_16_bit()
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                quantized = should_convert_module(name, kept)
+                assert quantized == (parts.role_of(name) == "language" and name != parts.output_head), (
+                    family,
+                    name,
+                )
+
+
 @pytest.mark.distributed
 def test_the_plain_launch_with_qlora_stops_before_loading_weights(tiny_llava, demo_data, tmp_path):
     args = llava_recipe_args(
@@ -85,7 +108,12 @@ def test_qlora_trains_adapters_on_4_bit_weights_and_merges(tiny_llava, demo_data
     adapter = load_file(output_dir / "adapter_model.safetensors")
     lora_b = [tensor for name, tensor in adapter.items() if "lora_B" in name]
     assert lora_b and all(tensor.abs().sum() > 0 for tensor in lora_b)  # lora_B starts at zero: it trained
-    assert any("multi_modal_projector" in name for name in adapter)
+    projector = {
+        name: t.shape for name, t in adapter.items() if "multi_modal_projector" in name and "weight" in name
+    }
+    assert projector and all(len(shape) == 2 and shape[1] > 1 for shape in projector.values()), (
+        projector
+    )  # 16-bit
     losses = [entry["loss"] for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
               if "loss" in entry]  # fmt: skip
     assert losses and losses[-1] < losses[0]

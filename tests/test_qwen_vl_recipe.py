@@ -182,6 +182,24 @@ def test_a_video_file_that_cannot_be_decoded_names_the_record(tiny_model, tmp_pa
         dataset[0]
 
 
+def test_a_video_whose_frames_differ_in_size_names_the_record_and_the_sizes(tiny_model, tmp_path):
+    """A frame-list video is one array per video: frames of two sizes are refused with the sizes, not numpy's
+    "all input arrays must have the same shape"."""
+    from vlm_recipes.data import ConversationDataset, DataError, load_records
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    Image.new("RGB", (96, 40)).save(tmp_path / "b.png")
+    records = [
+        {"id": "mixed", "video": ["a.png", "b.png"], "conversations": [
+            {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "nothing"}]},
+    ]  # fmt: skip
+    (tmp_path / "videos.json").write_text(json.dumps(records))
+    processor = AutoProcessor.from_pretrained(tiny_model("qwen2.5-vl"))
+    dataset = ConversationDataset(load_records(str(tmp_path / "videos.json"), str(tmp_path)), processor, 256)
+    with pytest.raises(DataError, match=r"record #0 \(id mixed\).*video 1 have 2 sizes \(64x64, 96x40\)"):
+        dataset[0]
+
+
 def recipe_args(model_dir, demo_data, output_dir, *extra):
     return [
         "--config", "recipes/configs/qwen_vl_demo.yaml",
@@ -221,6 +239,60 @@ def test_full_finetune_two_processes(tiny_model, demo_data, tmp_path, family):
     assert any(".merger." in name for name in changed)
     assert not any(name.startswith("model.visual.blocks") for name in changed)  # vision tower frozen
     assert any("language_model" in name for name in changed)
+    assert_planner_counts_what_the_run_trained("qwen_vl", args)
+
+
+def experts_picked(model, batch) -> list[set[int]]:
+    """For each MoE layer of a Qwen3-VL MoE model, the experts its router picks for the tokens of `batch`."""
+    picked, hooks = [], []
+    for module in model.modules():
+        if type(module).__name__.endswith("TopKRouter"):
+            picked.append(set())
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, i, out, s=picked[-1]: s.update(out[2].flatten().tolist())
+                )
+            )
+    with torch.no_grad():
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    return picked
+
+
+@pytest.mark.distributed
+def test_qwen3_vl_moe_trains_under_zero3_when_the_ranks_route_to_different_experts(
+    tiny_model, demo_data, tmp_path
+):
+    """Qwen3-VL MoE on 2 processes under the shared ZeRO-3 offload config: on micro-batches of 4 samples the router
+    leaves experts idle, a different set on each rank's batch, and the run neither hangs nor breaks (transformers
+    holds a layer's experts as one parameter, which ZeRO-3 gathers whole); the loss falls and the saved model equals
+    the trained weights, experts included."""
+    from vlm_recipes.data import ConversationDataset, load_records
+
+    model_dir, output_dir = tiny_model("qwen3-vl-moe"), tmp_path / "moe"
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    records = load_records(str(demo_data / "train.json"), str(demo_data))
+    dataset = ConversationDataset(records, processor, 256)
+    collate = ConversationCollator(processor)
+    first, second = (
+        experts_picked(model, collate([dataset[k] for k in batch])) for batch in ((0, 1, 2, 3), (4, 5, 6, 7))
+    )
+    experts = model.config.text_config.num_experts
+    assert any(len(layer) < experts for layer in first + second), (first, second)  # some experts get no token
+    assert first != second  # two ranks' batches route differently
+
+    args = recipe_args(
+        model_dir, demo_data, output_dir,
+        "--max_steps", "32", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--warmup_steps", "2",
+        "--logging_steps", "4", "--save_strategy", "steps", "--save_steps", "32",
+    )  # fmt: skip
+    launch_recipe("qwen_vl.py", args, timeout=600)  # a hang would end here
+    losses = logged_losses(output_dir)
+    assert losses[32] < 0.6 * losses[4], losses
+    changed = assert_saved_equals_trained(AutoModelForImageTextToText, output_dir, "checkpoint-32", model_dir)
+    assert any(".mlp.experts." in name for name in changed) and any(".mlp.gate." in name for name in changed)
     assert_planner_counts_what_the_run_trained("qwen_vl", args)
 
 

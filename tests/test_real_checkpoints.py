@@ -361,3 +361,113 @@ def test_validator_applies_the_pixel_caps_on_the_real_qwen_files(tmp_path, run_i
     outcome, out, err = run_in_process(*command, "--min_pixels", "3136", "--max_pixels", "802816")
     assert outcome == "finished", (outcome, err[-2000:])
     assert "resizes each into 3,136..802,816 pixels" in out
+
+
+# ---- LLaVA-NeXT and OneVision on their real processor configs and templates ---------------------------------------
+
+ANY_RESOLUTION = ["llava-v1.6-mistral-7b-hf", "llava-onevision-qwen2-7b-ov-hf"]
+
+
+def tiny_any_resolution_around_real(name: str, folder, tmp_path_factory):
+    """A tiny random model saved with the real checkpoint's image processor config, processor config and chat
+    template (its tile size, grid pinpoints and token counts), a stand-in tokenizer with the real special tokens
+    (no tokenizer files are found for these: tests/test_real_templates.py) and the real vision geometry
+    (CLIP 336/14 for NeXT, SigLIP 384/14 for OneVision) at tiny width and depth."""
+    import shutil
+
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaOnevisionConfig,
+        MistralConfig,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    from tests.test_real_templates import STAND_INS, byte_level_tokenizer
+
+    real = real_folder(name)
+    for file in ("preprocessor_config.json", "processor_config.json", "chat_template.jinja"):
+        shutil.copy(real / file, folder / file)
+    if name.startswith("llava-v1.6"):
+        tokenizer = STAND_INS[name](tmp_path_factory).tokenizer
+        tokenizer.chat_template = None  # the processor's chat_template.jinja is the one that counts
+    else:  # OneVision's special tokens on a byte vocabulary: Qwen2's 151k-token output layer would not fit a CPU step
+        named = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+        tokenizer = byte_level_tokenizer(named, ["<|im_start|>", "<image>", "<video>"], add_bos=False)
+    tokenizer.save_pretrained(folder)
+    pinpoints = json.loads((real / "preprocessor_config.json").read_text())["image_grid_pinpoints"]
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14
+    )
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    if name.startswith("llava-v1.6"):
+        config = LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**vision, image_size=336), text_config=MistralConfig(**text),
+            image_token_index=image_id, image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )  # fmt: skip
+    else:
+        config = LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**vision, image_size=384), text_config=Qwen2Config(**text),
+            image_token_index=image_id, video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+            image_grid_pinpoints=pinpoints, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@requires_real(*ANY_RESOLUTION, "qwen2.5-vl-7b-instruct")
+def test_next_and_onevision_count_their_real_tiles_and_train_a_mixed_batch(tmp_path_factory):
+    """On the real processor configs: the image tokens of the YAMLs' comments (NeXT up to 2,928 an image; OneVision
+    up to 7,371 for one image, 730 for each image of a two-image sample, 196 a video frame), and one training step
+    of the tiny model on a micro-batch mixing tile counts, a two-image sample and a text-only guard row, through the
+    recipe's collator: a finite loss, and gradients reaching the projector and image_newline."""
+    from vlm_recipes.masking import image_tokens_at_cap
+
+    measured = {}
+    for name in ANY_RESOLUTION:
+        folder = tiny_any_resolution_around_real(name, tmp_path_factory.mktemp(name), tmp_path_factory)
+        processor = AutoProcessor.from_pretrained(folder)
+        model = AutoModelForImageTextToText.from_pretrained(folder)
+        ask = [user("What colour is the circle?", "image"), assistant("red")]
+        two = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]},
+               assistant("yes")]  # fmt: skip
+        measured[name] = {
+            "at cap": image_tokens_at_cap(processor),
+            "672x672": media_tokens_for(processor, "image", 672, 672),
+            "300x900": media_tokens_for(processor, "image", 300, 900),
+            "two images": int((tokenize_conversation(processor, two, [Image.new("RGB", (200, 200))] * 2)["input_ids"]
+                               == processor.image_token_id).sum()),
+        }  # fmt: skip
+        if "onevision" in name:
+            measured[name]["4-frame video"] = media_tokens_for(processor, "video", 384, 384, frames=4)
+        # small images, so that the tiny model's step stays small on a CPU: still 1 to 3 tiles each
+        samples = [
+            tokenize_conversation(processor, ask, [Image.new("RGB", (60, 60), "red")]),
+            tokenize_conversation(processor, ask, [Image.new("RGB", (40, 100), "red")]),
+            tokenize_conversation(processor, two, [Image.new("RGB", (50, 50)), Image.new("RGB", (60, 40))]),
+            tokenize_conversation(processor, [user("Say yes."), assistant("yes")], []),
+        ]
+        batch = ConversationCollator(processor)(samples)
+        assert batch["pixel_values"].shape[0] == 4  # one row per image, tiles padded to the most
+        assert batch["image_sizes"].tolist()[:2] == [[60, 60], [100, 40]]
+        loss = model(**batch).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert model.model.image_newline.grad.abs().sum() > 0
+        assert all(p.grad is not None for p in model.model.multi_modal_projector.parameters())
+    assert measured == {
+        # NeXT: a 576-token overview + a 2x2, 1x3 or 1x2 grid of 24x24 tiles, unpadded to the image's shape, with
+        # image_newline after each row: 576 + 48 x 49; 576 + 72 x 25; 2 x (576 + 24 x 25).
+        "llava-v1.6-mistral-7b-hf": {"at cap": 2928, "672x672": 2928, "300x900": 2376, "two images": 2352},
+        # OneVision: 729 + a 6x6 grid of 27x27 tiles pooled to 81 x 81 (at most 9 tiles' worth) + newlines; a 2x2
+        # grid, 729 + 54 x 55; a 1x3 grid, 729 + 81 x 28; each image of two, its overview + one newline; a video,
+        # 14 x 14 pooled tokens a frame + one newline.
+        "llava-onevision-qwen2-7b-ov-hf": {"at cap": 7371, "672x672": 3699, "300x900": 2997, "two images": 1460,
+                                           "4-frame video": 4 * 196 + 1},
+    }, measured  # fmt: skip

@@ -93,5 +93,22 @@ class ConversationCollator:
             else:
                 # Pixel values, image grids and sizes are per image: the model matches them to the image
                 # tokens in order, so text-only samples simply contribute none.
-                batch[key] = torch.cat(present, dim=0)
+                batch[key] = concatenate_padded(present)
         return batch
+
+
+def concatenate_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-image tensors along their first dimension, padding every other dimension with zeros to the
+    largest: what a processor itself does to the images of one call, so the batch is what it would have made of all
+    the samples at once. Any-resolution tiling (LLaVA-NeXT, OneVision) gives each image its own number of tiles;
+    the model reads the real ones from image_sizes and drops the padding."""
+    widest = [max(sizes) for sizes in zip(*(tensor.shape[1:] for tensor in tensors), strict=True)]
+    if all(list(tensor.shape[1:]) == widest for tensor in tensors):
+        return torch.cat(tensors, dim=0)
+    padded = []
+    for tensor in tensors:
+        pad = []
+        for have, want in zip(reversed(tensor.shape[1:]), reversed(widest), strict=True):
+            pad += [0, want - have]  # torch's pad lists the last dimension first
+        padded.append(torch.nn.functional.pad(tensor, pad))
+    return torch.cat(padded, dim=0)

@@ -277,12 +277,18 @@ def single_process_environment(environ=os.environ) -> None:
     environ.setdefault("MASTER_PORT", str(port))
 
 
-def recipe_argument_classes(recipe_path: Path) -> tuple[tuple, Path]:
-    """(the recipe's own argument dataclasses, e.g. Qwen's pixel caps, its DEFAULT_CONFIG), so that its YAML and
-    arguments parse outside the recipe too (scripts/show_ds_config.py, the tests)."""
+def load_recipe(recipe_path: Path):
+    """The recipe file as a module (its main() not run), for what its MODEL-SPECIFIC block defines."""
     spec = importlib.util.spec_from_file_location(recipe_path.stem, recipe_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def recipe_argument_classes(recipe_path: Path) -> tuple[tuple, Path]:
+    """(the recipe's own argument dataclasses, e.g. Qwen's pixel caps, its DEFAULT_CONFIG), so that its YAML and
+    arguments parse outside the recipe too (scripts/show_ds_config.py, the tests)."""
+    module = load_recipe(recipe_path)
     classes = [
         obj for obj in vars(module).values() if isinstance(obj, type) and dataclasses.is_dataclass(obj)
     ]

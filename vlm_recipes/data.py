@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlm_recipes.masking import FEWER_MEDIA_TOKENS, tokenize_conversation
+from vlm_recipes.masking import FEWER_MEDIA_TOKENS, SampleError, tokenize_conversation
 from vlm_recipes.records import BATCH as RECORDS_BATCH
 from vlm_recipes.records import (
     EMBEDDED,
@@ -514,6 +514,13 @@ class ConversationDataset(Dataset):
         with problems_named_by(record):
             images = [load_image(image) for image in record["images"]]
             videos = [[load_image(f) for f in v] if isinstance(v, list) else str(v) for v in record["videos"]]
+            for number, frames in enumerate(videos, start=1):
+                sizes = sorted({frame.size for frame in frames} if isinstance(frames, list) else ())
+                if len(sizes) > 1:
+                    raise SampleError(
+                        f"the frames of video {number} have {len(sizes)} sizes "
+                        f"({', '.join(f'{w}x{h}' for w, h in sizes[:3])}): a video's frames must share one size"
+                    )
         return images, videos
 
     def tokenize(self, index: int, images: list[Image.Image], videos: list) -> dict:

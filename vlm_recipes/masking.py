@@ -224,7 +224,9 @@ def tokenize_conversation(
     add_special = add_special_tokens_for(processor, text)
     plain = processor.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
     plain_mask = token_mask_from_spans(plain["offset_mapping"], spans)
-    media = {"images": images or None, **({"videos": videos} if videos else {})}
+    # One list of images per text, as apply_chat_template passes them: a processor that treats a multi-image sample
+    # differently from single images (OneVision encodes each of several images without its tiles) sees which is which.
+    media = {"images": [images] if images else None, **({"videos": videos} if videos else {})}
     encoded = processor(text=[text], **media, add_special_tokens=add_special, return_tensors="pt")
 
     sample = {key: value[0] if key in PER_TOKEN_KEYS else value for key, value in encoded.items()}

@@ -190,11 +190,15 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False):
         ) from None
 
 
-def module_role(parameter_name: str) -> str:
-    parts = parameter_name.split(".")
-    if any(name in parts for name in PROJECTOR_MODULE_NAMES):
+def module_role(parameter_name: str, parts=None) -> str:
+    """ "projector", "vision" or "language": by the recipe's ModelParts (vlm_recipes/parts.py) when a recipe plans
+    its own run, else by the module names the recipes' models use (scripts/plan_memory.py on a bare config)."""
+    if parts is not None:
+        return parts.role_of(parameter_name)
+    names = parameter_name.split(".")
+    if any(name in names for name in PROJECTOR_MODULE_NAMES):
         return "projector"
-    if any(name in parts for name in VISION_MODULE_NAMES):
+    if any(name in names for name in VISION_MODULE_NAMES):
         return "vision"
     return "language"
 
@@ -210,11 +214,11 @@ def build_on_meta(config) -> torch.nn.Module:
             return AutoModelForCausalLM.from_config(config)
 
 
-def model_shape(name: str, config) -> ModelShape:
+def model_shape(name: str, config, parts=None) -> ModelShape:
     model = build_on_meta(config)
     by_role = {"vision": 0, "projector": 0, "language": 0}
     for parameter_name, parameter in model.named_parameters():  # tied weights are listed once
-        by_role[module_role(parameter_name)] += parameter.numel()
+        by_role[module_role(parameter_name, parts)] += parameter.numel()
     own_params = [sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules()]
     block_classes = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [
@@ -227,7 +231,7 @@ def model_shape(name: str, config) -> ModelShape:
     for module_name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module_name.endswith("lm_head"):
             continue
-        leaf, role = module_name.rsplit(".", 1)[-1], module_role(module_name)
+        leaf, role = module_name.rsplit(".", 1)[-1], module_role(module_name, parts)
         width = module.in_features + module.out_features
         if role == "language":
             language_linear_widths[leaf] = language_linear_widths.get(leaf, 0) + width
@@ -835,15 +839,21 @@ def host_estimate_for_run(ds_path: Path, shape, setup, hardware) -> ConfigEstima
 
 
 def planned_run(
-    model_args, data_args, training_args, image_tokens: int | None = None, model_config: tuple | None = None
+    model_args,
+    data_args,
+    training_args,
+    image_tokens: int | None = None,
+    model_config: tuple | None = None,
+    parts=None,
 ) -> tuple[ModelShape, TrainingSetup]:
     """The model's shape and what the run trains, as the planner sees a recipe's run: from --model_name_or_path's
-    config, or `model_config` ((display name, transformers config)) for a model the recipe builds itself, and the
-    freezing and LoRA arguments."""
+    config, or `model_config` ((display name, transformers config)) for a model the recipe builds itself, split
+    into parts by the recipe's `parts` (ModelParts), and the freezing and LoRA arguments."""
     name, config = model_config or load_model_config(
         model_args.model_name_or_path, model_args.trust_remote_code
     )
-    return model_shape(name, config), setup_from_arguments(model_args, data_args, training_args, image_tokens)
+    shape = model_shape(name, config, parts)
+    return shape, setup_from_arguments(model_args, data_args, training_args, image_tokens)
 
 
 def faster_config_line(ds_path: Path, shape, setup, hardware: Hardware) -> str | None:
@@ -886,12 +896,14 @@ def check_host_memory(
     image_tokens: int | None = None,
     model_config: tuple | None = None,
     records=(),
+    parts=None,
 ) -> None:
     """Refuse, before any weights load, a DeepSpeed offload config whose host-RAM need on this node exceeds
     MemAvailable, instead of letting the kernel kill the run later. `--skip_memory_check true` skips it.
     `image_tokens`: per sample, as the run's processor makes them (masking.image_tokens_at_cap); None: the
     config's default. `model_config`: see `planned_run`. `records`: the run's record sets (data.read_records; None
-    is skipped), counted with the model states: each process's share and the mapped records table."""
+    is skipped), counted with the model states: each process's share and the mapped records table. `parts`: the
+    recipe's ModelParts, which say which parameters are the vision tower, the projector and the language model."""
     from vlm_recipes.config import ConfigError
     from vlm_recipes.ds_config import ds_config_in_use
 
@@ -903,7 +915,7 @@ def check_host_memory(
     available = meminfo_available_bytes()
     if available is None:
         return
-    shape, setup = planned_run(model_args, data_args, training_args, image_tokens, model_config)
+    shape, setup = planned_run(model_args, data_args, training_args, image_tokens, model_config, parts)
     count, table_bytes = records_footprint([r for r in records if r is not None])
     setup = replace(setup, records=count, records_table_bytes=table_bytes)
     hardware = hardware_from_environment(training_args)

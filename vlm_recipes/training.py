@@ -213,8 +213,8 @@ def log_trainable_parameters(model: torch.nn.Module) -> str:
 
 def quantized_loading(model_args, training_args, keep_in_16_bit: list[str]) -> dict:
     """from_pretrained's arguments for --load_in_4bit true (QLoRA; none otherwise): the language model's linear
-    layers in NF4 with double quantization, computing in the training dtype; the modules named in `keep_in_16_bit`
-    (vision tower, projector, output head) stay as they are, so that the projector trains in full and the adapter
+    layers in NF4 with double quantization, computing in the training dtype; the modules at the full paths in
+    `keep_in_16_bit` (vision tower, projector, output head: ModelParts.kept_in_16_bit) stay as they are, so that the projector trains in full and the adapter
     merges into the 16-bit base. Each process quantizes the whole model onto its own GPU."""
     if not getattr(model_args, "load_in_4bit", False):
         return {}
