@@ -50,7 +50,7 @@ demo: $(INSTALLED)  ## tiny model + demo data, trained with the real launcher an
 FORCED_ACCELERATE_CONFIG = $(if $(filter file,$(origin ACCELERATE_CONFIG)),,$(ACCELERATE_CONFIG))
 TRAIN_YAML = $(or $(CONFIG),recipes/configs/$(subst -,_,$(MODEL)).yaml)
 
-train: $(INSTALLED)  ## fine-tune with the fastest config that fits: make train MODEL=llava|qwen-vl|chexagent [CONFIG=...] [ARGS="..."] [ACCELERATE_CONFIG=...]
+train: $(INSTALLED)  ## fine-tune with the fastest config that fits: make train MODEL=llava|qwen-vl|chexagent|image-text-to-text [CONFIG=...] [ARGS="..."] [ACCELERATE_CONFIG=...]
 	@config="$(FORCED_ACCELERATE_CONFIG)"; \
 	[ -n "$$config" ] || config=$$($(PYTHON) scripts/plan_memory.py --pick --config $(TRAIN_YAML) --gpus $(NUM_PROCESSES)) || exit 1; \
 	grep -qE '^distributed_type: *"?(DEEPSPEED|FSDP)' "$$config" || no_deepspeed="--deepspeed none"; \

@@ -192,7 +192,7 @@ def main():
     model_type = AutoConfig.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     ).model_type
-    if model_type not in MODEL_TYPES:
+    if MODEL_TYPES and model_type not in MODEL_TYPES:  # an empty MODEL_TYPES takes any
         raise ConfigError(
             f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/{Path(__file__).name} trains "
             f"{', '.join(MODEL_TYPES)} models (README: the model table)"

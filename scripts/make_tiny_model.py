@@ -20,6 +20,7 @@ a user's checkpoint takes. Nothing is downloaded.
 """
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -584,6 +585,188 @@ def build_around_real_processor(real_dir: Path, output_dir: Path, seed: int) -> 
     processor.save_pretrained(output_dir)
 
 
+# The tiny models of recipes/image_text_to_text.py's architectures carry their real checkpoint's chat template (the
+# part that decides the labels), from ../shared/real-checkpoints beside the repository (or VLM_REAL_CHECKPOINTS), on
+# our BPE and tiny widths; each processor's own way of wrapping an image in tokens is kept.
+REAL_CHECKPOINTS = Path(
+    os.environ.get("VLM_REAL_CHECKPOINTS")
+    or Path(__file__).resolve().parents[2] / "shared" / "real-checkpoints"
+)
+
+
+def real_chat_template(name: str) -> str:
+    path = REAL_CHECKPOINTS / name / "chat_template.jinja"
+    if not path.is_file():
+        raise SystemExit(
+            f"this family's tiny model uses the real chat template of {name}, and {path} is missing: put "
+            "../shared/real-checkpoints beside the repository or point VLM_REAL_CHECKPOINTS at a copy"
+        )
+    return path.read_text()
+
+
+def tokenizer_with(special: list[str], bos: str | None = None, **named) -> PreTrainedTokenizerFast:
+    """Our BPE with the checkpoint's special tokens; a plain call prepends `bos` where the real tokenizer does."""
+    bpe = train_bpe(special)
+    if bos:
+        bpe.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, bpe.token_to_id(bos))]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **({"bos_token": bos} if bos else {}), **named)
+
+
+def tiny_text(tokenizer, **extra) -> dict:
+    return dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, **extra,
+    )  # fmt: skip
+
+
+TINY_VISION_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def save_tiny(model_class, config, processor, output_dir: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = model_class(config)
+    tokenizer = processor.tokenizer
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+def build_gemma3(output_dir: Path, seed: int) -> None:
+    """Tiny Gemma 3: SigLIP 32x32 (16 patches, pooled to 4 soft tokens), each image written <start_of_image> and
+    expanded by the processor to "\\n\\n<start_of_image>" + 4 soft tokens + "<end_of_image>\\n\\n"; turns end
+    <end_of_turn>, which is an eos of the model's generation config but not the tokenizer's eos."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+    )
+
+    images = {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+    }
+    tokenizer = tokenizer_with(
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", *images.values()], bos="<bos>",
+        eos_token="<eos>", pad_token="<pad>", extra_special_tokens=images,
+    )  # fmt: skip
+    ids = {f"{key}_index": tokenizer.convert_tokens_to_ids(token) for key, token in images.items()}
+    ids = {"boi_token_index": ids["boi_token_index"], "eoi_token_index": ids["eoi_token_index"],
+           "image_token_index": ids["image_token_index"]}  # fmt: skip
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    text = tiny_text(tokenizer, sliding_window=64)
+    text["eos_token_id"] = [tokenizer.eos_token_id, end_of_turn]
+    vision = SiglipVisionConfig(**TINY_VISION_TOWER, image_size=32, patch_size=8)
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=4, **ids)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer,
+        chat_template=real_chat_template("gemma-3-4b-it"), image_seq_length=4,
+    )  # fmt: skip
+    save_tiny(Gemma3ForConditionalGeneration, config, processor, output_dir, seed)
+
+
+def build_internvl(output_dir: Path, seed: int) -> None:
+    """Tiny HF-native InternVL (InternVL3-hf layout): 32x32 crops (up to 4 and a thumbnail) of 16 patches, pixel
+    shuffled to 4 tokens each, written <img> + <IMG_CONTEXT> x 4 per crop + </img>; a Qwen2 language model."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
+
+    images = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+              "video_token": "<video>"}  # fmt: skip
+    tokenizer = tokenizer_with(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *images.values()], eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", extra_special_tokens=images,
+    )  # fmt: skip
+    vision = InternVLVisionConfig(**TINY_VISION_TOWER, image_size=[32, 32], patch_size=[8, 8])
+    config = InternVLConfig(
+        vision_config=vision, text_config=Qwen2Config(**tiny_text(tokenizer)), downsample_ratio=0.5,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+    )  # fmt: skip
+    size = {"height": 32, "width": 32}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=4),
+        video_processor=InternVLVideoProcessor(size=size), tokenizer=tokenizer, image_seq_length=4,
+        chat_template=real_chat_template("internvl3-1b-hf"),
+    )  # fmt: skip
+    save_tiny(InternVLForConditionalGeneration, config, processor, output_dir, seed)
+
+
+def build_idefics3(output_dir: Path, seed: int) -> None:
+    """Tiny Idefics3 (SmolVLM's architecture; other module names: vision_model, connector, text_model): images up to
+    64 pixels split into 32x32 tiles plus a global view, each <fake_token_around_image><row_r_col_c> + 4 <image>
+    tokens (pixel shuffle 2); SmolVLM2's template, whose answers start with a space and end <end_of_utterance>."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+    )
+
+    tiles = [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
+    tokenizer = tokenizer_with(
+        ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+         "<global-img>", *tiles],
+        bos="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|endoftext|>",
+    )  # fmt: skip
+    vision = Idefics3VisionConfig(**TINY_VISION_TOWER, image_size=32, patch_size=8)
+    config = Idefics3Config(
+        vision_config=vision, text_config=LlamaConfig(**tiny_text(tokenizer)), scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )  # fmt: skip
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+        chat_template=real_chat_template("smolvlm2-256m-video-instruct"),
+    )  # fmt: skip
+    save_tiny(Idefics3ForConditionalGeneration, config, processor, output_dir, seed)
+
+
+def build_mistral3(output_dir: Path, seed: int) -> None:
+    """Tiny Mistral 3 (Mistral-Small-3.1 layout): a Pixtral tower taking each image at its own size up to 64 pixels
+    (8-pixel patches merged 2x2), rows of [IMG] tokens ended by [IMG_BREAK] and the image by [IMG_END]; the real
+    template, which writes a default system prompt with today's date when none is given."""
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralImageProcessor,
+        PixtralProcessor,
+        PixtralVisionConfig,
+    )
+
+    tokenizer = tokenizer_with(
+        ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]",
+         "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"],
+        bos="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+    )  # fmt: skip
+    vision = PixtralVisionConfig(**TINY_VISION_TOWER, head_dim=16, image_size=64, patch_size=8)
+    config = Mistral3Config(
+        vision_config=vision, text_config=MistralConfig(**tiny_text(tokenizer), sliding_window=None),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1,
+    )  # fmt: skip
+    processor = PixtralProcessor(
+        image_processor=PixtralImageProcessor(size={"longest_edge": 64}, patch_size={"height": 16, "width": 16}),
+        tokenizer=tokenizer, patch_size=8, spatial_merge_size=2,
+        chat_template=real_chat_template("mistral-small-3.1-24b-instruct-2503"),
+    )  # fmt: skip
+    save_tiny(Mistral3ForConditionalGeneration, config, processor, output_dir, seed)
+
+
 BUILDERS = {
     "llava": build_llava,
     "qwen2-vl": lambda output_dir, seed: build_qwen(output_dir, seed, "qwen2-vl"),
@@ -593,6 +776,10 @@ BUILDERS = {
     "chexagent": build_chexagent,
     "llava-next": build_llava_next,
     "llava-onevision": build_llava_onevision,
+    "gemma3": build_gemma3,
+    "internvl": build_internvl,
+    "idefics3": build_idefics3,
+    "mistral3": build_mistral3,
 }
 # `make demo MODEL=qwen-vl` and the recipes name the family by recipe; the default Qwen is 2.5.
 BUILDERS["qwen-vl"] = BUILDERS["qwen2.5-vl"]

@@ -168,12 +168,19 @@ def run_here(path: str, args: list, monkeypatch) -> str:
     """`python PATH ARGS` (a recipe or a script, relative to the repository) in this process, for a run that is
     expected to stop early: what it raised or exited with, as text, or "finished"."""
     monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
+    # A recipe sets the variables of a one-process world (RANK, MASTER_PORT: config.single_process_environment) in
+    # os.environ; left there, every later launch of the session inherited a MASTER_PORT picked long before, which
+    # something else could hold by then (EADDRINUSE in test_preflight's plain launch, seen twice in one day).
+    environment = dict(os.environ)
     try:
         runpy.run_path(str(REPO / path), run_name="__main__")
     except (
         BaseException
     ) as error:  # SystemExit from argparse or a script's error exit, or the library's error
         return f"{type(error).__name__}: {error}"
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
     return "finished"
 
 
@@ -389,3 +396,28 @@ def assert_saved_is_complete_and_moved(model_class, output_dir, initial_dir) -> 
     """For runs without DeepSpeed shards to compare with: the saved model reloads with every tensor; returns the
     names of the tensors that differ from the initial model's."""
     return changed_from(model_class, initial_dir, reload_complete(model_class, output_dir))
+
+
+# ---- conversations and their labels, for the recipes' masking tests -----------------------------------------------
+
+
+def user(text, images=0):
+    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def labelled_spans(processor, sample) -> list[str]:
+    """The labelled tokens, decoded as runs: one string per contiguous labelled span."""
+    from vlm_recipes.masking import IGNORE_INDEX
+
+    spans, current = [], []
+    for token, label in zip(sample["input_ids"].tolist(), sample["labels"].tolist(), strict=True):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            spans.append(processor.tokenizer.decode(current))
+            current = []
+    return spans + ([processor.tokenizer.decode(current)] if current else [])

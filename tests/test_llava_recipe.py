@@ -292,7 +292,11 @@ def write_any_resolution_data(demo_data, folder, with_videos: bool):
 
 
 @pytest.mark.gpu_e2e
-@pytest.mark.parametrize("family", ["llava-next", "llava-onevision"])
+@pytest.mark.parametrize(
+    # OneVision's run covers NeXT's tiling and adds videos: NeXT's is in `make test-extended`.
+    "family",
+    [pytest.param("llava-next", marks=pytest.mark.extended), "llava-onevision"],
+)
 def test_any_resolution_llava_trains_under_zero3_and_reloads(tiny_model, demo_data, tmp_path, family):
     """LLaVA-NeXT and OneVision through recipes/llava.py under the shared ZeRO-3 offload config on 2 processes:
     micro-batches mix images of different tile counts (collated with image_sizes), two-image and text-only samples

@@ -212,6 +212,19 @@ def test_expand_mask_never_labels_image_tokens_even_if_the_plain_mask_does():
     ]
 
 
+def test_carry_mask_lines_up_tokens_a_processor_writes_around_each_image():
+    """Gemma 3 expands <start_of_image> (4) into "\n\n" (9) <start_of_image> soft tokens (5) <end_of_image> (6)
+    "\n\n": the tokens it adds stay unlabelled, the answer keeps its labels; a processor that changes a labelled token
+    is refused."""
+    from vlm_recipes.masking import carry_mask
+
+    plain, plain_mask = [7, 4, 20, 21, 22], [False, False, False, True, True]
+    expanded = [7, 9, 4, 5, 5, 5, 6, 9, 20, 21, 22]
+    assert carry_mask(plain, plain_mask, expanded, {4, 5}) == [False] * 9 + [True, True]
+    with pytest.raises(SampleError, match="changed labelled tokens"):
+        carry_mask(plain, plain_mask, [7, 9, 4, 5, 6, 9, 20, 23, 22], {4, 5})
+
+
 def test_expand_mask_raises_when_the_processor_changes_text_tokens():
     with pytest.raises(SampleError, match=r"position 2"):
         expand_mask([7, 4, 21], [False, False, True], [7, 4, 22], {4})

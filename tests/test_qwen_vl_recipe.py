@@ -26,35 +26,18 @@ from tests.conftest import (
     assert_planner_counts_what_the_run_trained,
     assert_resolved_like_arguments,
     assert_saved_equals_trained,
+    assistant,
+    labelled_spans,
     launch_recipe,
     logged_losses,
     recipe_command,
     requires_processes,
+    user,
 )
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.masking import IGNORE_INDEX, tokenize_conversation
 
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
-
-
-def user(text, images=0):
-    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
-
-
-def labelled_spans(processor, sample) -> list[str]:
-    """The labelled tokens, decoded as runs: one string per contiguous labelled span."""
-    spans, current = [], []
-    for token, label in zip(sample["input_ids"].tolist(), sample["labels"].tolist(), strict=True):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            spans.append(processor.tokenizer.decode(current))
-            current = []
-    return spans + ([processor.tokenizer.decode(current)] if current else [])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -145,8 +145,11 @@ def token_mask_from_spans(offsets, spans: list[CharSpan]) -> list[bool]:
 
 
 def media_token_ids(processor) -> set[int]:
-    ids = {getattr(processor, name, None) for name in ("image_token_id", "video_token_id")}
-    return {token_id for token_id in ids if token_id is not None}
+    """The ids of the tokens that stand for images and videos, the processor's and its tokenizer's (Gemma 3's processor
+    names the <start_of_image> it expands, its tokenizer the soft tokens the expansion is made of)."""
+    owners = (processor, getattr(processor, "tokenizer", None))
+    ids = {getattr(owner, name, None) for owner in owners for name in ("image_token_id", "video_token_id")}
+    return {token_id for token_id in ids if isinstance(token_id, int)}
 
 
 def media_tokens_for(processor, kind: str, width: int, height: int, frames: int = 2) -> int:
@@ -158,8 +161,9 @@ def media_tokens_for(processor, kind: str, width: int, height: int, frames: int 
     text = render(processor, [{"role": "user", "content": [{"type": kind}]}])
     media = {"images": [frame]} if kind == "image" else {"videos": [[frame] * frames]}
     encoded = processor(text=[text], **media, add_special_tokens=add_special_tokens_for(processor, text))
-    token_id = getattr(processor, f"{kind}_token_id", None)
-    return sum(1 for token in encoded["input_ids"][0] if token == token_id)
+    ids = encoded["input_ids"][0]
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids  # some processors return tensors unasked (Pixtral)
+    return sum(1 for token in ids if token in media_token_ids(processor))
 
 
 # A probe larger than every cap the real checkpoints ship (Qwen3-VL: 4096 x 4096 pixels), so that it measures the cap.
@@ -169,6 +173,36 @@ PROBE_SIDE = 4096
 def image_tokens_at_cap(processor) -> int:
     """Tokens of the largest image the processor lets through: what memory estimates must assume per image."""
     return media_tokens_for(processor, "image", PROBE_SIDE, PROBE_SIDE)
+
+
+def carry_mask(plain_ids, plain_mask, expanded_ids, media_ids: set[int]) -> list[bool]:
+    """Carry a mask over the plain token ids (the template's text, tokenized) to the processor's ids. Most processors
+    only repeat each image placeholder once per image feature (expand_mask); others also write tokens of their own
+    around each image (Gemma 3's "<start_of_image>...<end_of_image>", InternVL's <img>...</img>, Idefics3's tile tags,
+    Pixtral's [IMG_BREAK]s), which align_mask matches up. What the processor added is never labelled."""
+    try:
+        return expand_mask(plain_ids, plain_mask, expanded_ids, media_ids)
+    except SampleError:
+        return align_mask(plain_ids, plain_mask, expanded_ids)
+
+
+def align_mask(plain_ids, plain_mask, expanded_ids) -> list[bool]:
+    """The mask over `expanded_ids` from the longest matching runs of tokens (difflib), for a processor that inserted
+    or replaced tokens around images: matched tokens keep their label, inserted ones get none. A labelled token the
+    processor changed or dropped is refused, since its label would be lost."""
+    import difflib
+
+    mask = [False] * len(expanded_ids)
+    matcher = difflib.SequenceMatcher(None, plain_ids, expanded_ids, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            mask[j1:j2] = plain_mask[i1:i2]
+        elif any(plain_mask[i1:i2]):
+            raise SampleError(
+                f"the processor changed labelled tokens (template tokens {i1}..{i2}, not only the image "
+                "placeholders): the answer text and the processor's output do not line up"
+            )
+    return mask
 
 
 def expand_mask(plain_ids, plain_mask, expanded_ids, media_ids: set[int]) -> list[bool]:
@@ -232,7 +266,7 @@ def tokenize_conversation(
     sample = {key: value[0] if key in PER_TOKEN_KEYS else value for key, value in encoded.items()}
     input_ids = sample["input_ids"]
     media_ids = media_token_ids(processor)
-    mask = expand_mask(plain["input_ids"], plain_mask, input_ids.tolist(), media_ids)
+    mask = carry_mask(plain["input_ids"], plain_mask, input_ids.tolist(), media_ids)
     sample["labels"] = torch.where(torch.tensor(mask), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
 
     if max_length is not None and len(input_ids) > max_length:

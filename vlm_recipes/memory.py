@@ -300,7 +300,11 @@ def image_tokens_for(vision_config, image_size: int | None = None) -> int:
     if not image_size:
         return image_tokens_for_area(vision_config, DEFAULT_IMAGE_AREA)
     merge = getattr(vision_config, "spatial_merge_size", None) or 1
-    return (image_size // vision_config.patch_size) ** 2 // (merge * merge)
+    # (height, width) pairs where a config gives them (InternVL's image_size and patch_size are lists)
+    height, width = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+    patch = vision_config.patch_size
+    patch_height, patch_width = patch if isinstance(patch, (list, tuple)) else (patch, patch)
+    return (height // patch_height) * (width // patch_width) // (merge * merge)
 
 
 # ---- what trains, with what batch ---------------------------------------------------------------------------------
