@@ -6,8 +6,10 @@
 
 With --family, the model comes from the family's real transformers config classes, the tokenizer is a
 byte-level BPE trained here on a small embedded corpus, and the image processor and chat template are the
-family's own kinds, written to differ from the real checkpoints' on purpose (our own special tokens, an end
-token after every answer).
+family's own kinds. For llava, llava-next, llava-onevision, the Qwen families and chexagent the template is written
+to differ from the real checkpoints' on purpose (our own special tokens, an end token after every answer); for
+gemma3, idefics3, internvl and mistral3 (recipes/image_text_to_text.py's) it is the real checkpoint's own, read from
+../shared/real-checkpoints (or VLM_REAL_CHECKPOINTS), since their templates are what decides the labels.
 
 With --processor_from, the folder's own processor files (tokenizer, chat template, image and video processor
 configs: what a user's checkpoint ships) are saved unchanged next to a tiny random model made from the folder's

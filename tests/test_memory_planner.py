@@ -345,7 +345,10 @@ def test_script_json_and_unknown_model_offline(capsys):
             "--json",
         ]
     )
-    planned = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    planned = json.loads(
+        out[out.index("{\n") :]
+    )  # after DeepSpeed's accelerator line where it is imported first
     assert planned["model"]["name"] == "llava-1.5-7b" and planned["setup"]["mode"] == "projector only"
     assert [c["config"] for c in planned["configs"]] == [c for c in SPEED_ORDER if c != "single_gpu"]
     assert planned["recommendation"]["config"] == "multi_gpu"
@@ -487,3 +490,12 @@ def test_the_real_qwen3_vl_moe_config_counts_every_expert_and_the_experts_as_the
     assert config.model_type == "qwen3_vl_moe"
     assert round(shape.total_params / 1e9, 2) == 31.07 and round(shape.language_params / 1e9, 1) == 30.5
     assert shape.largest_layer_params == 128 * 3 * 768 * 2048
+
+
+def test_the_planner_takes_gemma_3s_pooled_image_tokens_from_its_config():
+    """Gemma 3's tower sees (896 / 14)^2 = 4,096 patches and pools them to mm_tokens_per_image = 256 tokens: the
+    planner's default is the config's 256, not the patch count (a recipe passes its processor's measured count)."""
+    from transformers import Gemma3Config
+
+    shape = memory.model_shape("gemma-3", Gemma3Config())
+    assert shape.default_image_tokens == 256

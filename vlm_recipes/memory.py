@@ -263,13 +263,21 @@ def model_shape(name: str, config, parts=None) -> ModelShape:
         vision_intermediate_size=getattr(vision, "intermediate_size", 0) if vision else 0,
         vision_layers=vision_depth(vision),
         patches_per_image_token=merge * merge,
-        default_image_tokens=image_tokens_for(vision),
+        default_image_tokens=config_image_tokens(config) or image_tokens_for(vision),
         language_linear_widths=language_linear_widths,
         language_linear_inputs=language_linear_inputs,
         vision_linear_widths=vision_linear_widths,
         vision_linear_inputs=vision_linear_inputs,
         param_numels=tuple(sorted(p.numel() for p in model.parameters())),
     )
+
+
+def config_image_tokens(config) -> int | None:
+    """The language-model tokens of one image where the config states them: Gemma 3's mm_tokens_per_image (its tower
+    sees 4,096 patches and pools them to 256). Not LlavaConfig's image_seq_length: a default of 576 that configs
+    assembled around other towers (CheXagent's SigLIP) do not update."""
+    tokens = getattr(config, "mm_tokens_per_image", None)
+    return tokens if isinstance(tokens, int) else None
 
 
 def vision_depth(vision_config) -> int:
