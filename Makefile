@@ -58,7 +58,7 @@ train: $(INSTALLED)  ## fine-tune with the fastest config that fits: make train 
 	$(PYTHON) -m accelerate.commands.accelerate_cli launch --config_file "$$config" --num_processes $(NUM_PROCESSES) \
 		$(RECIPE) $(if $(CONFIG),--config $(CONFIG)) $$no_deepspeed $(ARGS)
 
-test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (about 16 minutes on 2 cores without AVX-512)
+test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (11-16 minutes on 2 cores without AVX-512)
 	$(PYTHON) -m pytest --durations=25
 
 test-extended: $(INSTALLED)  ## the cases left out of `make test`: benchmark-sized checks, other ZeRO variants and model families of its runs

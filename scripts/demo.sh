@@ -3,7 +3,7 @@
 # fine-tune it through `accelerate launch` with the shared ZeRO-3 offload config, print the DeepSpeed config
 # as it was resolved, and score it again. Outputs go to runs/demo/.
 #
-#   bash scripts/demo.sh [llava|qwen-vl|chexagent]    (PYTHON, NUM_PROCESSES, ACCELERATE_CONFIG may be set)
+#   bash scripts/demo.sh [llava|qwen-vl|chexagent|image-text-to-text]    (PYTHON, NUM_PROCESSES, ACCELERATE_CONFIG may be set)
 set -euo pipefail
 
 MODEL=${1:-llava}

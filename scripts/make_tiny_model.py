@@ -783,15 +783,19 @@ BUILDERS = {
     "idefics3": build_idefics3,
     "mistral3": build_mistral3,
 }
-# `make demo MODEL=qwen-vl` and the recipes name the family by recipe; the default Qwen is 2.5.
+# `make demo MODEL=...` names the family by its recipe: the default Qwen is 2.5, image-text-to-text's is Gemma 3.
 BUILDERS["qwen-vl"] = BUILDERS["qwen2.5-vl"]
+BUILDERS["image-text-to-text"] = BUILDERS["gemma3"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--family", choices=sorted(BUILDERS), default="llava", help="qwen-vl is qwen2.5-vl")
+    parser.add_argument(
+        "--family", choices=sorted(BUILDERS), default="llava",
+        help="qwen-vl is qwen2.5-vl, image-text-to-text is gemma3 (the names make demo MODEL=... gives)",
+    )  # fmt: skip
     parser.add_argument(
         "--processor_from",
         type=Path,

@@ -116,10 +116,12 @@ def generate(
 ) -> list[str]:
     """Greedy answers for a batch of conversations (each ending with a user turn)."""
     texts = [render(processor, messages, add_generation_prompt=True) for messages in prompts]
-    flat_images = [load_image(image) for sample in images for image in sample]
+    # One list of images per prompt, as apply_chat_template passes them: Gemma 3's processor counts images per prompt
+    # and refuses a flat list; OneVision encodes a prompt's several images without their tiles.
+    per_prompt = [[load_image(image) for image in sample] for sample in images]
     inputs = processor(
         text=texts,
-        images=flat_images or None,
+        images=per_prompt if any(per_prompt) else None,
         padding=True,
         add_special_tokens=add_special_tokens_for(processor, texts[0]),
         return_tensors="pt",
