@@ -18,7 +18,6 @@ import json
 import math
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import yaml
@@ -26,12 +25,9 @@ from transformers import AutoConfig
 
 from vlm_recipes.config import NO_DEEPSPEED, ConfigError, parse_recipe_args, pop_flag, recipe_argument_classes
 from vlm_recipes.data import load_records
-from vlm_recipes.ds_config import (
-    KNOWN_TEXT_HIDDEN_SIZES,
-    describe_resolution,
-    resolve_ds_config,
-    text_hidden_size,
-)
+from vlm_recipes.ds_config import describe_resolution, resolve_ds_config, text_hidden_size
+from vlm_recipes.memory import ModelNotKnownOffline
+from vlm_recipes.memory import load_model_config as planner_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,12 +41,15 @@ def ds_config_path(accelerate_config: Path) -> Path:
 
 
 def load_model_config(model_name_or_path: str, trust_remote_code: bool = False):
-    """The checkpoint's config, or, offline, the hidden size this repository knows for the recipes' defaults."""
+    """The checkpoint's config, or, offline, the memory planner's config of the recipes' default models
+    (vlm_recipes/known_models.py)."""
     try:
         return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     except OSError:
-        if model_name_or_path in KNOWN_TEXT_HIDDEN_SIZES:
-            return SimpleNamespace(hidden_size=KNOWN_TEXT_HIDDEN_SIZES[model_name_or_path])
+        try:
+            return planner_model_config(model_name_or_path, trust_remote_code)[1]
+        except ModelNotKnownOffline:
+            pass
         raise SystemExit(
             f"cannot read the config of {model_name_or_path} (no hub access?); pass a local folder with "
             "--model_name_or_path after --"

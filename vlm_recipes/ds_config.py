@@ -39,16 +39,6 @@ AUTO_SOURCES = {
 }
 
 
-# Text hidden sizes of the recipes' default models, so their configs resolve with no hub access (from each
-# model's published config.json: LLaMA-2-7B/Vicuna, Qwen2.5-7B, Qwen2.5-3B, Phi-2).
-KNOWN_TEXT_HIDDEN_SIZES = {
-    "llava-hf/llava-1.5-7b-hf": 4096,
-    "Qwen/Qwen2.5-VL-7B-Instruct": 3584,
-    "Qwen/Qwen2.5-VL-3B-Instruct": 2048,
-    "StanfordAIMI/CheXagent-2-3b": 2560,
-}
-
-
 def dotted_items(config: dict, prefix: str = ""):
     """(dotted name, value) of every leaf of a nested config."""
     for key, value in config.items():
