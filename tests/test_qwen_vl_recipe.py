@@ -4,7 +4,6 @@ through the recipe's code, and the mixed text-only / image batch guard. tests/te
 recipe on the real checkpoints' processor files. The tiny Qwen2.5-VL run also runs on CUDA in bf16 and fp16
 (`make test-gpu`, marked gpu_e2e)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -65,11 +64,9 @@ def test_masks_follow_the_qwen_chat_layout(tiny_model, family):
 
 def test_pixel_caps_set_the_number_of_image_tokens(tiny_model):
     """Through the recipe's own load_processor (tests/test_real_checkpoints.py does the same on the real files)."""
-    from vlm_recipes.config import ModelArguments
+    from vlm_recipes.config import ModelArguments, load_recipe
 
-    spec = importlib.util.spec_from_file_location("qwen_vl_recipe", REPO / "recipes" / "qwen_vl.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe(REPO / "recipes" / "qwen_vl.py")
     model_args = ModelArguments(model_name_or_path=str(tiny_model("qwen2.5-vl")))
     image, messages = Image.new("RGB", (200, 200)), [user("What?", images=1), assistant("x")]
     counts = {}

@@ -30,17 +30,11 @@ from tests.conftest import (
 )
 from tests.real_checkpoints import real_folder, requires_real
 from vlm_recipes.collator import ConversationCollator
+from vlm_recipes.config import load_recipe
 from vlm_recipes.masking import IGNORE_INDEX, media_tokens_for, tokenize_conversation
 from vlm_recipes.training import input_grads_only_where_trained, set_requires_grad
 
 QWEN_LAYOUTS = ["qwen2-vl-7b-instruct", "qwen2.5-vl-7b-instruct", "qwen3-vl-8b-instruct"]
-
-
-def qwen_recipe():
-    spec = importlib.util.spec_from_file_location("qwen_vl_recipe", REPO / "recipes" / "qwen_vl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def user(text, kind=None):
@@ -89,7 +83,7 @@ PIXEL_CAP_CASES = {
 @requires_real(*QWEN_LAYOUTS)
 @pytest.mark.parametrize("name", QWEN_LAYOUTS)
 def test_pixel_caps_hold_on_every_real_layout_for_images_and_videos(name):
-    recipe = qwen_recipe()
+    recipe = load_recipe(REPO / "recipes" / "qwen_vl.py")
     from vlm_recipes.config import ModelArguments
 
     model_args = ModelArguments(model_name_or_path=str(real_folder(name)))

@@ -13,7 +13,9 @@ The approach works with any chat template, with or without `{% generation %}` ma
    otherwise nothing ever teaches the model to stop, and a fine-tuned model repeats its answer until
    max_new_tokens.
 4. Tokenize the plain text once to map characters to tokens, run the processor on the same text (it expands
-   each image placeholder into the model's image tokens), and carry the mask across the expansion.
+   each image placeholder into the model's image tokens), and carry the mask across the expansion; where the
+   processor also writes tokens of its own around each image (Gemma 3, InternVL, Idefics3, Pixtral), the two token
+   lists are aligned and what the processor added stays unlabelled.
 
 Image, video and padding tokens never carry labels. Truncation never cuts through an image span.
 """
@@ -163,7 +165,8 @@ def media_tokens_for(processor, kind: str, width: int, height: int, frames: int 
     encoded = processor(text=[text], **media, add_special_tokens=add_special_tokens_for(processor, text))
     ids = encoded["input_ids"][0]
     ids = ids.tolist() if hasattr(ids, "tolist") else ids  # some processors return tensors unasked (Pixtral)
-    return sum(1 for token in ids if token in media_token_ids(processor))
+    media_ids = media_token_ids(processor)
+    return sum(1 for token in ids if token in media_ids)
 
 
 # A probe larger than every cap the real checkpoints ship (Qwen3-VL: 4096 x 4096 pixels), so that it measures the cap.
