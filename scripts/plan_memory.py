@@ -171,7 +171,7 @@ def measured_hardware(args, argv: list[str]) -> tuple[bool, str]:
 
     if not torch.cuda.is_available():
         return False, "no CUDA GPU"
-    from vlm_recipes.memory import meminfo_available_bytes
+    from vlm_recipes.host_memory import meminfo_available_bytes
 
     args.gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB
     if "--host_ram_gib" not in given:

@@ -29,7 +29,7 @@ from transformers import (
 
 from tests.conftest import REPO, launch_recipe
 from tests.real_checkpoints import requires_real
-from vlm_recipes import memory
+from vlm_recipes import host_memory, memory
 from vlm_recipes.config import ConfigError, ModelArguments
 from vlm_recipes.data import ConversationDataset, load_records
 from vlm_recipes.memory import (
@@ -210,9 +210,9 @@ def recipe_arguments(ds_config: str, model: str = "qwen2.5-vl-7b", **training):
 
 
 def test_host_memory_check_refuses_an_offload_config_the_machine_cannot_hold(monkeypatch):
-    monkeypatch.setattr(memory, "meminfo_available_bytes", lambda: 16 * GIB)
+    monkeypatch.setattr(host_memory, "meminfo_available_bytes", lambda: 16 * GIB)
     with pytest.raises(ConfigError) as refused:
-        memory.check_host_memory(*recipe_arguments("zero3_offload"))
+        host_memory.check_host_memory(*recipe_arguments("zero3_offload"))
     message = str(refused.value)
     assert "ds_configs/zero3_offload.json needs about" in message and "only 16.0 GiB is available" in message
     for fix in (
@@ -225,11 +225,11 @@ def test_host_memory_check_refuses_an_offload_config_the_machine_cannot_hold(mon
         assert fix in message
     assert "--skip_memory_check true" in message
     # The same config with room to spare, a config that offloads nothing, or an explicit skip: no refusal.
-    monkeypatch.setattr(memory, "meminfo_available_bytes", lambda: 4096 * GIB)
-    memory.check_host_memory(*recipe_arguments("zero3_offload"))
-    monkeypatch.setattr(memory, "meminfo_available_bytes", lambda: 16 * GIB)
-    memory.check_host_memory(*recipe_arguments("zero3"))
-    memory.check_host_memory(*recipe_arguments("zero3_offload", skip_memory_check=True))
+    monkeypatch.setattr(host_memory, "meminfo_available_bytes", lambda: 4096 * GIB)
+    host_memory.check_host_memory(*recipe_arguments("zero3_offload"))
+    monkeypatch.setattr(host_memory, "meminfo_available_bytes", lambda: 16 * GIB)
+    host_memory.check_host_memory(*recipe_arguments("zero3"))
+    host_memory.check_host_memory(*recipe_arguments("zero3_offload", skip_memory_check=True))
 
 
 def test_host_memory_check_counts_the_records_each_process_holds_and_their_mapped_table(
@@ -250,18 +250,20 @@ def test_host_memory_check_counts_the_records_each_process_holds_and_their_mappe
     hardware = memory.hardware_from_environment(arguments[0])
     shape, setup = memory.planned_run(arguments[1], arguments[2], arguments[0])
     ds_path = REPO / "ds_configs" / "zero3_offload.json"
-    model_only = memory.host_need(memory.host_estimate_for_run(ds_path, shape, setup, hardware), hardware)
+    model_only = host_memory.host_need(
+        memory.host_estimate_for_run(ds_path, shape, setup, hardware), hardware
+    )
     # The model states fit with 1 GiB to spare; two processes' share of 20M records plus the 3 GiB table do not.
-    monkeypatch.setattr(memory, "meminfo_available_bytes", lambda: model_only + 1 * GIB)
-    memory.check_host_memory(*arguments)
+    monkeypatch.setattr(host_memory, "meminfo_available_bytes", lambda: model_only + 1 * GIB)
+    host_memory.check_host_memory(*arguments)
     with pytest.raises(ConfigError, match="20,000,000 records"):
-        memory.check_host_memory(*arguments, records=(Records(), None))  # the eval set may be absent
+        host_memory.check_host_memory(*arguments, records=(Records(), None))  # the eval set may be absent
     counted = 2 * 20_000_000 * memory.RECORD_HEAP_BYTES + 3 * GIB
-    monkeypatch.setattr(memory, "meminfo_available_bytes", lambda: model_only + counted - 1)
+    monkeypatch.setattr(host_memory, "meminfo_available_bytes", lambda: model_only + counted - 1)
     with pytest.raises(ConfigError, match=rf"20,000,000 records: {counted / GIB:.1f} GiB of it"):
-        memory.check_host_memory(*arguments, records=(Records(), None))
-    monkeypatch.setattr(memory, "meminfo_available_bytes", lambda: model_only + counted)
-    memory.check_host_memory(*arguments, records=(Records(), None))
+        host_memory.check_host_memory(*arguments, records=(Records(), None))
+    monkeypatch.setattr(host_memory, "meminfo_available_bytes", lambda: model_only + counted)
+    host_memory.check_host_memory(*arguments, records=(Records(), None))
 
 
 def big_llava_config_folder(folder):
@@ -467,8 +469,8 @@ def test_the_plain_launch_names_a_faster_config_that_fits(monkeypatch, capsys, g
         gpus_per_node=1, gpu_memory_gib=gpu_memory_gib, host_ram_gib=125, device="cuda"
     )
     monkeypatch.setattr(memory, "hardware_from_environment", lambda training_args: hardware)
-    monkeypatch.setattr(memory, "meminfo_available_bytes", lambda: 125 * GIB)
-    memory.check_host_memory(*recipe_arguments("zero3_offload", model="qwen2.5-vl-3b"))
+    monkeypatch.setattr(host_memory, "meminfo_available_bytes", lambda: 125 * GIB)
+    host_memory.check_host_memory(*recipe_arguments("zero3_offload", model="qwen2.5-vl-3b"))
     said = capsys.readouterr().err
     if faster is None:  # on a 24 GB GPU only the run's own offload config fits: nothing to say
         assert "memory planner:" not in said

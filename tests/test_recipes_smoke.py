@@ -6,6 +6,8 @@ stages (stage 2 starts from stage 1's output) run in tests/test_chexagent_recipe
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 from transformers import AutoModelForImageTextToText
@@ -43,6 +45,31 @@ def test_every_recipe_has_a_demo_config_and_a_tiny_model_builder_by_its_name():
     assert missing == [], (
         f"recipes without a *_demo.yaml or a make_tiny_model family of their name: {missing}"
     )
+
+
+# Tools around training, not what a run needs: a recipe loads them only when asked (an offload config's host-RAM
+# check, scripts/benchmark.py --profile).
+NOT_ON_THE_IMPORT_PATH = ("vlm_recipes.memory", "vlm_recipes.known_models", "vlm_recipes.profiling")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_recipe_imports_no_planner_known_models_or_profiler(recipe):
+    probe = (
+        "import sys; from pathlib import Path; from vlm_recipes.config import load_recipe; "
+        f"load_recipe(Path('recipes/{recipe}.py')); "
+        f"print([name for name in {NOT_ON_THE_IMPORT_PATH!r} if name in sys.modules])"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip().splitlines()[-1] == "[]", loaded.stdout
+
+
+@pytest.mark.parametrize("recipe", sorted(MULTI_STAGE))
+def test_each_demo_config_of_a_multi_stage_recipe_is_trained_by_its_own_test(recipe):
+    stage_tests = (REPO / "tests" / f"test_{recipe}_recipe.py").read_text()
+    untested = [config.name for config in demo_configs(recipe) if config.name not in stage_tests]
+    assert demo_configs(recipe) and untested == [], untested
 
 
 @pytest.mark.distributed

@@ -203,3 +203,11 @@ def check_deepspeed_config(training_args, model_name_or_path: str, trust_remote_
         )
     if problems:
         raise ConfigError(f"{path}:\n" + "\n".join(f"- {problem}" for problem in problems))
+
+
+def offloads(ds_config: dict) -> dict[str, bool]:
+    zero = ds_config.get("zero_optimization", {})
+    return {
+        part: (zero.get(f"offload_{part}") or {}).get("device", "none") in ("cpu", "nvme")
+        for part in ("optimizer", "param")
+    }

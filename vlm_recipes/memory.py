@@ -5,9 +5,10 @@
     estimates = estimate_all(shape, setup, Hardware(gpus_per_node=1, gpu_memory_gib=80, host_ram_gib=128))
     choice = recommend(estimates, Hardware(...))                        # the fastest config that fits, and why
 
-`scripts/plan_memory.py` prints these as a table; every recipe calls `check_host_memory` before any weights
-load, so an offload config that needs more host RAM than the machine has stops with the fix instead of being
-killed by the kernel later.
+`scripts/plan_memory.py` prints these as a table. The recipes do not import this module: their host-RAM check
+(vlm_recipes/host_memory.py) loads it only when the run's DeepSpeed config offloads to the CPU, so that an offload
+config that needs more host RAM than the machine has stops with the fix instead of being killed by the kernel
+later.
 
 What is counted, per GPU and per node's host RAM:
 - model states: for the DeepSpeed configs, DeepSpeed's own estimators
@@ -25,11 +26,13 @@ measured-vs-estimated comparisons and the limits.
 
 import json
 import os
-import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from vlm_recipes.ds_config import offloads
+from vlm_recipes.host_memory import meminfo_available_bytes
 
 GIB = 1024**3
 REPO = Path(__file__).resolve().parent.parent
@@ -495,14 +498,6 @@ def accumulates_fp32_on_gpu(ds_config: dict) -> bool:
     return stage in (1, 2) and offloads(ds_config)["optimizer"] and wanted in ("fp32", "float32")
 
 
-def offloads(ds_config: dict) -> dict[str, bool]:
-    zero = ds_config.get("zero_optimization", {})
-    return {
-        part: (zero.get(f"offload_{part}") or {}).get("device", "none") in ("cpu", "nvme")
-        for part in ("optimizer", "param")
-    }
-
-
 def number(value, auto: float) -> float:
     # "auto" bucket sizes are filled from the hidden size at train() (transformers' trainer_config_finalize).
     return auto if value == "auto" else float(value)
@@ -800,15 +795,7 @@ def recommend(
     )
 
 
-# ---- the check every recipe runs before loading weights --------------------------------------------------------------
-
-
-def meminfo_available_bytes() -> float | None:
-    """MemAvailable of /proc/meminfo: what the kernel can hand out without swapping or killing."""
-    from vlm_recipes.run_stats import read_proc_kib
-
-    kib = read_proc_kib("/proc/meminfo", "MemAvailable")
-    return kib * 1024 if kib is not None else None
+# ---- a recipe's run, as the planner sees it (vlm_recipes/host_memory.py asks) -------------------------------------
 
 
 def setup_from_arguments(
@@ -882,73 +869,6 @@ def faster_config_line(ds_path: Path, shape, setup, hardware: Hardware) -> str |
         f"memory planner: {choice.config} fits this machine too and is faster than {current}: accelerate launch "
         f"--config_file accelerate_configs/{choice.config}.yaml recipes/<recipe>.py{no_deepspeed} (make train picks "
         f"it by itself). {choice.reason}"
-    )
-
-
-def host_need(run_estimate: ConfigEstimate, hardware: Hardware) -> float:
-    """Bytes of host RAM a run needs on each node; on a CPU-only run the "GPU" share is host memory too."""
-    on_cpu = hardware.gpus_per_node * run_estimate.gpu_bytes if hardware.device == "cpu" else 0
-    return run_estimate.host_bytes + on_cpu
-
-
-def records_footprint(record_sets) -> tuple[int, int]:
-    """(how many records, bytes of their distinct memory-mapped Arrow files) of the run's record sets."""
-    files = {
-        entry["filename"]
-        for records in record_sets
-        for entry in getattr(getattr(records, "table", None), "cache_files", [])
-    }
-    return sum(len(records) for records in record_sets), sum(os.path.getsize(f) for f in files)
-
-
-def check_host_memory(
-    training_args,
-    model_args,
-    data_args,
-    image_tokens: int | None = None,
-    model_config: tuple | None = None,
-    records=(),
-    parts=None,
-) -> None:
-    """Refuse, before any weights load, a DeepSpeed offload config whose host-RAM need on this node exceeds
-    MemAvailable, instead of letting the kernel kill the run later. `--skip_memory_check true` skips it.
-    `image_tokens`: per sample, as the run's processor makes them (masking.image_tokens_at_cap); None: the
-    config's default. `model_config`: see `planned_run`. `records`: the run's record sets (data.read_records; None
-    is skipped), counted with the model states: each process's share and the mapped records table. `parts`: the
-    recipe's ModelParts, which say which parameters are the vision tower, the projector and the language model."""
-    from vlm_recipes.config import ConfigError
-    from vlm_recipes.ds_config import ds_config_in_use
-
-    ds_path = ds_config_in_use(training_args)
-    if ds_path is None or getattr(training_args, "skip_memory_check", False):
-        return
-    if not any(offloads(json.loads(ds_path.read_text())).values()):
-        return
-    available = meminfo_available_bytes()
-    if available is None:
-        return
-    shape, setup = planned_run(model_args, data_args, training_args, image_tokens, model_config, parts)
-    count, table_bytes = records_footprint([r for r in records if r is not None])
-    setup = replace(setup, records=count, records_table_bytes=table_bytes)
-    hardware = hardware_from_environment(training_args)
-    run_estimate = host_estimate_for_run(ds_path, shape, setup, hardware)
-    need = host_need(run_estimate, hardware)
-    if need <= available:
-        line = faster_config_line(ds_path, shape, setup, hardware)
-        if line and os.environ.get("RANK", "0") == "0":
-            print(line, file=sys.stderr, flush=True)
-        return
-    data = run_estimate.host.get(RECORDS, 0) + run_estimate.host.get(RECORDS_TABLE, 0)
-    raise ConfigError(
-        f"{ds_path} needs about {need / GIB:.1f} GiB of host RAM on this node (the memory planner's estimate for "
-        f"{hardware.gpus_per_node} process(es) per node, {setup.mode}, {shape.total_params / 1e9:.2f}B parameters, "
-        f"{count:,} records: {data / GIB:.1f} GiB of it), "
-        f"but only {available / GIB:.1f} GiB is available: the kernel would kill the run part-way. Fixes: train "
-        "fewer parameters (--use_lora true, or freeze more: only trainable ones carry optimizer state); more "
-        "nodes (ZeRO-3 divides the offloaded states among them); ds_configs/zero3.json if the GPUs can hold the "
-        "states; a machine with more RAM. To compare every config for your GPUs: python scripts/plan_memory.py "
-        f"--model {model_args.model_name_or_path or '<a folder with the assembled config.json>'} --gpus {hardware.gpus_per_node} "
-        f"--nodes {hardware.nodes} --host_ram_gib {available / GIB:.0f}. --skip_memory_check true runs anyway."
     )
 
 

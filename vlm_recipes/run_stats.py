@@ -112,11 +112,10 @@ class RunStatsCallback(TrainerCallback):
         # written there (scripts/benchmark.py --profile sets it).
         folder = os.environ.get("VLM_RECIPES_PROFILE_DIR")
         if folder and len(self.step_times) == self.warmup_steps and self.profiler is None:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities, record_shapes=False)
-            self.profiler.__enter__()
+            from vlm_recipes.profiling import StepProfiler
+
+            self.profiler = StepProfiler()
+            self.profiler.start()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.synchronize()
@@ -132,18 +131,8 @@ class RunStatsCallback(TrainerCallback):
                 model
             )
         if self.profiler and len(self.step_times) == self.warmup_steps + PROFILED_STEPS:
-            self.profiler.__exit__(None, None, None)  # its tables are written at the end, outside the timing
+            self.profiler.stop()  # its tables are written at the end, outside the timing
             self.profiled_steps = list(range(self.warmup_steps, self.warmup_steps + PROFILED_STEPS))
-
-    def write_profile(self, folder: Path, rank: int) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        averages = self.profiler.key_averages()
-        for sort_by in ("self_cuda_time_total", "self_cpu_time_total", "cpu_time_total"):
-            try:
-                table = averages.table(sort_by=sort_by, row_limit=45, max_name_column_width=70)
-            except (AttributeError, KeyError, RuntimeError):  # no CUDA events on a CPU run
-                continue
-            (folder / f"rank{rank}_{sort_by}.txt").write_text(table)
 
     def steady_step_times(self) -> list[float]:
         """Step times after the warm-up, without the steps the profiler slowed down."""
@@ -182,7 +171,7 @@ class RunStatsCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         stats = self.stats(args, state)
         if self.profiled_steps:
-            self.write_profile(Path(os.environ["VLM_RECIPES_PROFILE_DIR"]), args.process_index)
+            self.profiler.write(Path(os.environ["VLM_RECIPES_PROFILE_DIR"]), args.process_index)
         folder = Path(args.output_dir, RUN_STATS_DIR)
         os.makedirs(folder, exist_ok=True)
         (folder / f"rank{args.process_index}.json").write_text(json.dumps(stats, indent=1) + "\n")
