@@ -12,7 +12,7 @@ from transformers import AutoProcessor
 
 from tests.conftest import run_command
 from vlm_recipes.data import ConversationDataset, DataError, load_records, read_records
-from vlm_recipes.preflight import FixedSize, MeasuredImage, image_report, preflight
+from vlm_recipes.preflight import FixedSize, MeasuredImage, PixelBudget, image_fit_of, image_report, preflight
 
 
 def record(record_id, image, question="What color is the shape?", answer="red"):
@@ -258,6 +258,18 @@ def test_images_beyond_the_qwen_pixel_caps_are_counted_with_the_most_extreme(tin
     lines = []
     preflight(dataset_of_images(tmp_path, sizes, roomy), "d", log=lines.append)
     assert len(lines) == 2 and "64..200,000 pixels" in lines[1]
+
+
+def test_a_pixel_budget_is_taken_from_how_the_processor_behaves_not_from_its_family(tiny_model, tiny_llava):
+    # The same size keys on a processor that crops every image to 32x32 (the tiny LLaVA's CLIP) are edge lengths,
+    # not a budget: probe images of different areas all give the same tokens, so it is read as the fixed size it is.
+    edges = AutoProcessor.from_pretrained(tiny_llava, size={"shortest_edge": 32, "longest_edge": 3136})
+    edges.image_processor.merge_size = 2  # a patch-merging tower's habit, which once was taken to mean a budget
+    assert image_fit_of(edges) == FixedSize(32, 32, shortest_edge=32)
+    budget = AutoProcessor.from_pretrained(
+        tiny_model("qwen3-vl"), size={"shortest_edge": 1024, "longest_edge": 16384}
+    )
+    assert image_fit_of(budget) == PixelBudget(min_pixels=1024, max_pixels=16384)
 
 
 def test_an_aspect_ratio_the_qwen_processor_refuses_is_a_named_problem(tiny_model, tmp_path):

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_recipes.data import DataError, keep_records
+from vlm_recipes.masking import media_tokens_for
 from vlm_recipes.records import cache_home
 
 SHOWN_PROBLEMS = 50
@@ -42,8 +43,8 @@ PROGRESS_EVERY_S = 30.0  # a progress line this often while a large dataset is c
 
 @dataclass(frozen=True)
 class PixelBudget:
-    """Qwen2-VL-family image processors (transformers' `smart_resize`): the aspect ratio is kept and the area
-    brought into [min_pixels, max_pixels], each edge a multiple of the patch size."""
+    """Image processors that keep a pixel budget (transformers' `smart_resize`): the aspect ratio is kept and the
+    area brought into [min_pixels, max_pixels], each edge a multiple of the patch size."""
 
     min_pixels: int
     max_pixels: int
@@ -133,17 +134,18 @@ def size_entry(size, key: str) -> int | None:
 
 
 def image_fit_of(processor) -> PixelBudget | FixedSize | None:
-    """How the processor's image processor fits an image to the model, read from its settings; None when it
-    resizes in a way the preflight does not know (the report then says so)."""
+    """How the processor's image processor fits an image to the model, read from its settings and, for a pixel
+    budget, confirmed by probe images; None when it resizes in a way the preflight does not know (the report then
+    says so)."""
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is None or not getattr(image_processor, "do_resize", True):
         return None
     size, crop = getattr(image_processor, "size", None), getattr(image_processor, "crop_size", None)
-    shortest_edge, longest_edge = size_entry(size, "shortest_edge"), size_entry(size, "longest_edge")
+    shortest_edge = size_entry(size, "shortest_edge")
     crops = getattr(image_processor, "do_center_crop", False)
-    # Qwen2-VL family (marked by its patch merging): shortest_edge and longest_edge are min_pixels and max_pixels.
-    if getattr(image_processor, "merge_size", None) and shortest_edge and longest_edge:
-        return PixelBudget(min_pixels=shortest_edge, max_pixels=longest_edge)
+    budget = pixel_budget_of(processor, image_processor)
+    if budget is not None:
+        return budget
     if getattr(image_processor, "do_pad", False):
         return None  # padded to a square first (LLaVA's own processor, on request): not measured here
     if crops and shortest_edge and size_entry(crop, "height"):
@@ -151,6 +153,39 @@ def image_fit_of(processor) -> PixelBudget | FixedSize | None:
     if not crops and size_entry(size, "height") and size_entry(size, "width"):
         return FixedSize(size_entry(size, "width"), size_entry(size, "height"), shortest_edge=None)
     return None
+
+
+def pixel_budget_of(processor, image_processor) -> PixelBudget | None:
+    """A pixel budget where the settings name one (min_pixels / max_pixels, or a size whose shortest_edge and
+    longest_edge hold them, as transformers' smart_resize processors keep them) and the processor behaves as one."""
+    size = getattr(image_processor, "size", None)
+    low = (
+        getattr(image_processor, "min_pixels", None)
+        or size_entry(size, "min_pixels")
+        or size_entry(size, "shortest_edge")
+    )
+    high = (
+        getattr(image_processor, "max_pixels", None)
+        or size_entry(size, "max_pixels")
+        or size_entry(size, "longest_edge")
+    )
+    if not (low and high and low < high) or not behaves_as_a_pixel_budget(processor, high):
+        return None
+    return PixelBudget(min_pixels=low, max_pixels=high)
+
+
+def behaves_as_a_pixel_budget(processor, max_pixels: int) -> bool:
+    """Probe images through the processor: a pixel budget gives a square image of max_pixels about four times the
+    tokens of one a quarter its area, and one larger still about the same tokens (it is shrunk to the budget). An
+    edge length read as an area, or a fixed input size, fails one of the two."""
+    side = math.isqrt(max_pixels)
+    try:
+        quarter, at_cap, above = (
+            media_tokens_for(processor, "image", s, s) for s in (side // 2, side, side * 3 // 2)
+        )
+    except Exception:  # no chat template or image token to count: a processor this check cannot probe
+        return False
+    return quarter > 0 and 3.0 <= at_cap / quarter <= 5.0 and abs(above - at_cap) <= 0.1 * at_cap
 
 
 @dataclass
