@@ -52,6 +52,7 @@ from vlm_recipes.data import ConversationDataset, media_kinds, read_records
 from vlm_recipes.ds_config import check_deepspeed_config
 from vlm_recipes.host_memory import check_host_memory
 from vlm_recipes.masking import image_tokens_at_cap
+from vlm_recipes.parts import ModelParts, adapters_for, freeze_parts
 from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
 from vlm_recipes.training import (
@@ -62,10 +63,8 @@ from vlm_recipes.training import (
     finish_run,
     input_grads_only_where_trained,
     log_trainable_parameters,
-    lora_config,
     prepare_output_dir,
     quantized_loading,
-    set_requires_grad,
     training_dtype,
 )
 
@@ -74,6 +73,13 @@ logger = logging.get_logger("vlm_recipes.chexagent")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "chexagent_stage1.yaml"
 VISION_MODEL_TYPES = ("siglip", "siglip_vision_model")  # MODEL-SPECIFIC: a full SigLIP or its vision half
 TEXT_MODEL_TYPES = ("phi",)  # MODEL-SPECIFIC: Phi-2 and RadPhi-2
+# MODEL-SPECIFIC: where the assembled (LLaVA-architecture) model keeps its parts, as print(model) shows them;
+# freezing, LoRA targets, the projector saved with an adapter, QLoRA's 16-bit modules and the host-RAM check read it.
+PARTS = ModelParts(
+    vision_tower="model.vision_tower",
+    projector=("model.multi_modal_projector",),
+    language_model="model.language_model",
+)
 IMAGE_TOKEN = "<image>"
 
 # MODEL-SPECIFIC: the prompt format of an assembled model. CheXagent-2's own format lives in remote code for
@@ -314,7 +320,7 @@ def main():
     check_host_memory(
         training_args, model_args, data_args, image_tokens=image_tokens_at_cap(processor),
         model_config=(f"{vision_path} + {text_path}", config) if assemble else None,
-        records=(train_records, eval_records),
+        records=(train_records, eval_records), parts=PARTS,
     )  # fmt: skip
     # ---- preflight: every record becomes a sample once, before any weights load -------------------------------
     train_dataset = preflight(
@@ -345,31 +351,16 @@ def main():
             dtype=training_dtype(training_args),
             attn_implementation=model_args.attn_implementation,
             trust_remote_code=model_args.trust_remote_code,
-            # --load_in_4bit: QLoRA's 4-bit language model. MODEL-SPECIFIC: the modules kept in 16 bits.
-            **quantized_loading(
-                model_args, training_args, ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-            ),
+            # --load_in_4bit: QLoRA's 4-bit language model; the vision tower, projector and output head stay 16-bit.
+            **quantized_loading(model_args, training_args, PARTS.kept_in_16_bit()),
         )
-
-    # MODEL-SPECIFIC: which modules are the vision tower, the projector and the language model.
-    set_requires_grad(model.model.vision_tower, not model_args.freeze_vision_tower)
-    set_requires_grad(model.model.multi_modal_projector, not model_args.freeze_projector)
-    set_requires_grad(model.model.language_model, not model_args.freeze_language_model)
-    set_requires_grad(model.lm_head, not model_args.freeze_language_model)
-
+    freeze_parts(
+        model, PARTS, model_args
+    )  # --freeze_vision_tower, --freeze_projector, --freeze_language_model
     if model_args.use_lora:
-        # LoRA (or DoRA with --use_dora true) on the named linear layers of each module.
-        adapters = lora_config(
-            model_args,
-            # MODEL-SPECIFIC: the module paths of the language model and the vision tower.
-            {
-                "model.language_model": model_args.lora_target_modules,
-                "model.vision_tower": model_args.lora_vision_target_modules,
-            },
-            # The projector is new for every fine-tune, so it is trained in full and saved with the adapter.
-            modules_to_save=[] if model_args.freeze_projector else ["multi_modal_projector"],
-        )
-        model = get_peft_model(model, adapters)
+        # LoRA (or DoRA with --use_dora true) on the named linear layers of the language model and vision tower;
+        # the projector, new for every fine-tune, is trained in full and saved with the adapter unless frozen.
+        model = get_peft_model(model, adapters_for(model, PARTS, model_args))
     # With gradient checkpointing the Trainer hooks the input embeddings so that reentrant checkpointing has an
     # input that requires grad; only where something trains, so that a frozen vision tower runs no backward.
     input_grads_only_where_trained(model)

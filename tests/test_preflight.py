@@ -264,7 +264,9 @@ def test_a_pixel_budget_is_taken_from_how_the_processor_behaves_not_from_its_fam
     # The same size keys on a processor that crops every image to 32x32 (the tiny LLaVA's CLIP) are edge lengths,
     # not a budget: probe images of different areas all give the same tokens, so it is read as the fixed size it is.
     edges = AutoProcessor.from_pretrained(tiny_llava, size={"shortest_edge": 32, "longest_edge": 3136})
-    edges.image_processor.merge_size = 2  # a patch-merging tower's habit, which once was taken to mean a budget
+    edges.image_processor.merge_size = (
+        2  # a patch-merging tower's habit, which once was taken to mean a budget
+    )
     assert image_fit_of(edges) == FixedSize(32, 32, shortest_edge=32)
     budget = AutoProcessor.from_pretrained(
         tiny_model("qwen3-vl"), size={"shortest_edge": 1024, "longest_edge": 16384}

@@ -285,6 +285,26 @@ def load_recipe(recipe_path: Path):
     return module
 
 
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_for_model_type(model_type: str) -> Path:
+    """The recipe that trains checkpoints of `model_type`: the one whose MODEL_TYPES names it, else the one that
+    takes any image-text-to-text model (MODEL_TYPES = ()). Only recipes that declare MODEL_TYPES are loaded."""
+    import re
+
+    declaring = [
+        path
+        for path in sorted(RECIPES_DIR.glob("*.py"))
+        if re.search(r"^MODEL_TYPES\s*=", path.read_text(), re.MULTILINE)
+    ]
+    modules = {path: load_recipe(path) for path in declaring}
+    for path, module in modules.items():
+        if model_type in module.MODEL_TYPES:
+            return path
+    return next(path for path, module in modules.items() if not module.MODEL_TYPES)
+
+
 def recipe_argument_classes(recipe_path: Path) -> tuple[tuple, Path]:
     """(the recipe's own argument dataclasses, e.g. Qwen's pixel caps, its DEFAULT_CONFIG), so that its YAML and
     arguments parse outside the recipe too (scripts/show_ds_config.py, the tests)."""

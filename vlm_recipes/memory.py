@@ -126,10 +126,6 @@ LOGITS_PEAK_BYTES_PER_ELEMENT = 12
 LORA_ACTIVATION_BYTES_PER_INPUT = 3.5
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Module names by role, across the model families the recipes train (LLaVA/CheXagent-2, Qwen2/2.5/3-VL).
-PROJECTOR_MODULE_NAMES = ("multi_modal_projector", "merger", "deepstack_merger_list")
-VISION_MODULE_NAMES = ("vision_tower", "visual", "vision_model")
-
 
 # ---- the model: parameter counts and dimensions, from its config only ----------------------------------------------
 
@@ -193,17 +189,14 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False):
         ) from None
 
 
-def module_role(parameter_name: str, parts=None) -> str:
-    """ "projector", "vision" or "language": by the recipe's ModelParts (vlm_recipes/parts.py) when a recipe plans
-    its own run, else by the module names the recipes' models use (scripts/plan_memory.py on a bare config)."""
+def parts_of(config, parts=None):
+    """The ModelParts that split `config`'s model into vision tower, projector and language model: a recipe's own
+    when it plans its run, else those of the recipe that trains this model type (config.recipe_for_model_type)."""
     if parts is not None:
-        return parts.role_of(parameter_name)
-    names = parameter_name.split(".")
-    if any(name in names for name in PROJECTOR_MODULE_NAMES):
-        return "projector"
-    if any(name in names for name in VISION_MODULE_NAMES):
-        return "vision"
-    return "language"
+        return parts
+    from vlm_recipes.config import load_recipe, recipe_for_model_type
+
+    return load_recipe(recipe_for_model_type(config.model_type)).PARTS
 
 
 def build_on_meta(config) -> torch.nn.Module:
@@ -219,9 +212,10 @@ def build_on_meta(config) -> torch.nn.Module:
 
 def model_shape(name: str, config, parts=None) -> ModelShape:
     model = build_on_meta(config)
+    parts = parts_of(config, parts)
     by_role = {"vision": 0, "projector": 0, "language": 0}
     for parameter_name, parameter in model.named_parameters():  # tied weights are listed once
-        by_role[module_role(parameter_name, parts)] += parameter.numel()
+        by_role[parts.role_of(parameter_name)] += parameter.numel()
     own_params = [sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules()]
     block_classes = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [
@@ -234,7 +228,7 @@ def model_shape(name: str, config, parts=None) -> ModelShape:
     for module_name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module_name.endswith("lm_head"):
             continue
-        leaf, role = module_name.rsplit(".", 1)[-1], module_role(module_name, parts)
+        leaf, role = module_name.rsplit(".", 1)[-1], parts.role_of(module_name)
         width = module.in_features + module.out_features
         if role == "language":
             language_linear_widths[leaf] = language_linear_widths.get(leaf, 0) + width
