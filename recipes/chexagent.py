@@ -329,6 +329,7 @@ def main():
         data_args.skip_bad_records,
         training_args.dataloader_num_workers,
         unread=unread_train,
+        batch_size=training_args.per_device_train_batch_size,
     )
     eval_dataset = (
         preflight(
@@ -337,6 +338,7 @@ def main():
             data_args.skip_bad_records,
             training_args.dataloader_num_workers,
             unread=unread_eval,
+            batch_size=training_args.per_device_eval_batch_size,
         )
         if eval_records is not None
         else None

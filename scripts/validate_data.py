@@ -35,6 +35,10 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=2048)
     parser.add_argument("--allow_images_outside_root", action="store_true")
     parser.add_argument(
+        "--per_device_train_batch_size", type=int, default=1,
+        help="the run's samples per micro-batch: what must agree within one (videos' frame counts) is checked",
+    )  # fmt: skip
+    parser.add_argument(
         "--num_workers", type=int, default=0, help="processes decoding and tokenizing in parallel"
     )
     parser.add_argument(
@@ -65,7 +69,8 @@ def main() -> None:
             args.model_name_or_path, trust_remote_code=args.trust_remote_code, **caps
         )
         preflight(ConversationDataset(records, processor, args.max_length), args.dataset_path,
-                  num_workers=args.num_workers, unread=unread)  # fmt: skip
+                  num_workers=args.num_workers, unread=unread,
+                  batch_size=args.per_device_train_batch_size)  # fmt: skip
     except DataError as error:
         print(error, file=sys.stderr)
         sys.exit(1)

@@ -326,3 +326,53 @@ def test_an_image_beyond_pillows_decompression_limit_is_a_named_problem(tiny_lla
     message = str(error.value)
     assert "record #1 (id huge): Image size (4096 pixels) exceeds limit of 2000 pixels" in message
     assert "Downscale the image beforehand" in message and "id ok" not in message
+
+
+def dataset_of_videos(tmp_path, frame_counts: dict[str, list[int]], processor) -> ConversationDataset:
+    """One LLaVA-format record per id, holding videos (lists of frame files) of the given frame counts."""
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "frame.png")
+    records = []
+    for name, counts in frame_counts.items():
+        question = "".join("<video>\n" for _ in counts) + "What color is the shape?"
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": "red"}]
+        videos = [["frame.png"] * count for count in counts]
+        records.append({"id": name, "videos": videos, "conversations": turns})
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    return ConversationDataset(load_records(str(path), str(tmp_path)), processor, None)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_videos_of_different_lengths_are_named_where_the_processor_stacks_frames(
+    tiny_model, tmp_path, batch_size
+):
+    # LLaVA-OneVision's processor stacks each video's frames (videos x frames x pixels): a batch of a 4-frame and a
+    # 6-frame video would hold 2 frames of zeros the model reads as frames. Qwen-VL's keeps a grid per video.
+    frame_counts = {"four": [4], "four-again": [4], "six": [6], "mixed": [4, 6]}
+    stacking = AutoProcessor.from_pretrained(tiny_model("llava-onevision"))
+    with pytest.raises(DataError) as refused:
+        preflight(
+            dataset_of_videos(tmp_path, frame_counts, stacking),
+            "d",
+            log=lambda line: None,
+            batch_size=batch_size,
+        )
+    message = str(refused.value)
+    named = {name for name in frame_counts if f"(id {name})" in message}
+    assert named == ({"six", "mixed"} if batch_size > 1 else {"mixed"}), message
+    assert "give every video 4 frames (the most common count here)" in message
+    assert ("--per_device_train_batch_size 1" in message) == (batch_size > 1)
+    kept = preflight(
+        dataset_of_videos(tmp_path, frame_counts, stacking), "d", skip_bad_records=True, log=lambda line: None,
+        batch_size=batch_size,
+    )  # fmt: skip
+    assert len(kept) == 4 - len(named)
+    gridded = AutoProcessor.from_pretrained(tiny_model("qwen2.5-vl"))
+    assert (
+        len(
+            preflight(
+                dataset_of_videos(tmp_path, frame_counts, gridded), "d", log=lambda line: None, batch_size=2
+            )
+        )
+        == 4
+    )

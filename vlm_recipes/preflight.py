@@ -23,7 +23,8 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -194,6 +195,7 @@ class CheckedRecord:  # small: every process receives every other's
     problem: str | None  # None when the record becomes a training sample
     image_sizes: list[tuple[int, int]]  # (width, height) of each image, as decoded
     length: int = 0  # the sample's tokens, image tokens included
+    video_frames: list[int] = field(default_factory=list)  # frames of each video given as a list of frames
 
 
 class RecordCheck(Dataset):
@@ -211,6 +213,7 @@ class RecordCheck(Dataset):
         try:
             images, videos = self.dataset.decode_media(index)
             checked.image_sizes = [image.size for image in images]
+            checked.video_frames = [len(frames) for frames in videos if isinstance(frames, list)]
             refusals = [self.fit.refusal(*size) for size in checked.image_sizes] if self.fit else []
             refusal = next((r for r in refusals if r), None)
             if refusal:  # checked before the processor, which would refuse it without naming the record
@@ -320,7 +323,7 @@ def image_report(fit, images: list[MeasuredImage], what: str, processor, source_
     return lines
 
 
-PREFLIGHT_VERSION = 1  # bump when what a check finds changes: every cached result is then checked again
+PREFLIGHT_VERSION = 2  # bump when what a check finds changes: every cached result is then checked again
 
 
 def processor_fingerprint(processor) -> str:
@@ -383,9 +386,72 @@ def same_on_every_process(value):
     return box[0]
 
 
-def preflight(dataset, what: str, skip_bad_records: bool = False, num_workers: int = 0, log=print, unread=()):
+def frames_are_a_dimension(processor) -> bool:
+    """Whether the processor keeps a video's frames as a tensor dimension (LLaVA-OneVision: videos x frames x pixels),
+    so that videos of different lengths cannot share a batch (zero frames added to fit would be read as frames), rather
+    than as a flat run of patches with a per-video grid (Qwen-VL). Probed with blank videos of 2 and 3 frames."""
+    from PIL import Image
+
+    from vlm_recipes.masking import PER_TOKEN_KEYS, add_special_tokens_for, render
+
+    frame = Image.new("RGB", (64, 64))
+    text = render(processor, [{"role": "user", "content": [{"type": "video"}]}])
+    shapes = []
+    try:
+        for frames in (2, 3):
+            encoded = processor(
+                text=[text], videos=[[frame] * frames], return_tensors="pt",
+                add_special_tokens=add_special_tokens_for(processor, text),
+            )  # fmt: skip
+            shapes.append({k: tuple(v.shape[1:]) for k, v in encoded.items() if k not in PER_TOKEN_KEYS})
+    except Exception:  # a processor without videos: nothing to keep apart
+        return False
+    return shapes[0] != shapes[1]
+
+
+def frame_count_problems(checked: list[CheckedRecord], dataset, batch_size: int) -> dict[int, str]:
+    """record index -> why its videos cannot be batched, where the processor stacks frames: a sample's videos of
+    different lengths, and (with more than one sample per micro-batch) videos whose frame count is not the dataset's
+    most common."""
+    counts = Counter(n for c in checked if c.problem is None for n in c.video_frames)
+    mixed = [
+        c for c in checked if len(set(c.video_frames)) > 1
+    ]  # the processor refuses these, in its own words
+    if (len(counts) < 2 and not mixed) or not frames_are_a_dimension(dataset.processor):
+        return {}
+    usual = (counts or Counter(n for c in mixed for n in c.video_frames)).most_common(1)[0][0]
+    fix = (
+        f"{type(dataset.processor).__name__} stacks a video's frames, so the videos of one micro-batch must have "
+        f"as many frames each: give every video {usual} frames (the most common count here)"
+    )
+    problems = {}
+    for c in mixed:
+        source = dataset.records[c.index]["source"]
+        problems[c.index] = f"{source}: its videos have {sorted(c.video_frames)} frames; {fix}"
+    for c in checked:
+        if c.problem is not None or not c.video_frames:
+            continue
+        source = dataset.records[c.index]["source"]
+        if batch_size > 1 and c.video_frames[0] != usual:
+            problems[c.index] = (
+                f"{source}: its video has {c.video_frames[0]} frames; {fix}, or train with "
+                "--per_device_train_batch_size 1"
+            )
+    return problems
+
+
+def preflight(
+    dataset,
+    what: str,
+    skip_bad_records: bool = False,
+    num_workers: int = 0,
+    log=print,
+    unread=(),
+    batch_size=1,
+):
     """The dataset, checked: raises a DataError listing every bad record, or drops them when asked to.
     `unread`: the problems of the records that could not even be read (data.read_records), listed with the rest.
+    `batch_size`: samples per micro-batch, for what must agree among the samples of one (videos' frame counts).
 
     Under a launcher every process must call it (the results are gathered); each then keeps the same records,
     and only process 0 logs the report."""
@@ -403,6 +469,8 @@ def preflight(dataset, what: str, skip_bad_records: bool = False, num_workers: i
         checked, per_process = check_every_record(dataset, fit, num_workers, log)
         if rank == 0 and cache_file is not None:
             write_cached_checks(cache_file, checked)
+    for index, problem in frame_count_problems(checked, dataset, batch_size).items():
+        checked[index].problem = problem  # after the cache is written: it depends on this run's batch size
     count = len(checked) + len(unread)
     if count == 0:
         raise DataError(f"{what} holds no records")
