@@ -52,6 +52,7 @@ from vlm_recipes.data import ConversationDataset, media_kinds, read_records
 from vlm_recipes.ds_config import check_deepspeed_config
 from vlm_recipes.host_memory import check_host_memory
 from vlm_recipes.masking import image_tokens_at_cap
+from vlm_recipes.packing import PackedDataset
 from vlm_recipes.parts import ModelParts, adapters_for, freeze_parts
 from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
@@ -375,7 +376,12 @@ def main():
         processor,
         guard_text_only_batches=data_args.guard_text_only_batches,
         media_kinds=media_kinds(train_dataset, eval_dataset),
+        packing=data_args.packing,
     )
+    if data_args.packing:  # rows of --max_length tokens, each of several samples (vlm_recipes/packing.py)
+        train_dataset = PackedDataset(train_dataset, data_args.max_length)
+        if training_args.process_index == 0:
+            print(train_dataset.describe(), flush=True)
 
     # ---- trainer ------------------------------------------------------------------------------------------------
     trainer = RecipeTrainer(  # the HF Trainer; group_by_length takes the preflight's lengths

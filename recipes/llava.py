@@ -34,6 +34,7 @@ from vlm_recipes.data import ConversationDataset, media_kinds, read_records
 from vlm_recipes.ds_config import check_deepspeed_config
 from vlm_recipes.host_memory import check_host_memory
 from vlm_recipes.masking import image_tokens_at_cap
+from vlm_recipes.packing import PackedDataset
 from vlm_recipes.parts import ModelParts, adapters_for, freeze_parts
 from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
@@ -65,6 +66,7 @@ PARTS = ModelParts(  # module paths, as print(model) shows them
     projector=("model.multi_modal_projector", "model.image_newline"),
     language_model="model.language_model",
 )
+PACKING_REFUSED = ()  # model types whose packed rows transformers masks wrongly (image_text_to_text.py)
 RECIPE_ARGUMENTS = ()  # this recipe's own argument dataclasses, parsed with the shared ones (qwen_vl.py: pixel caps)
 
 
@@ -77,6 +79,12 @@ def load_processor(model_args, *recipe_args):
 def fewer_media_tokens(tokens_at_cap: int) -> str:
     """The advice for a sample whose images do not fit --max_length."""
     return f"use fewer images per sample (each is {tokens_at_cap:,} tokens)"
+
+
+def packed_position_ids(model, batch):
+    """--packing true: the positions of a packed row. This model's rotary positions are 1-D, so they are each
+    sample's own 0..n-1, as the collator wrote them."""
+    return batch["position_ids"]
 
 
 def load_model(model_args, **loading):
@@ -125,6 +133,11 @@ def main():
         raise ConfigError(
             f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/{Path(__file__).name} trains "
             f"{', '.join(MODEL_TYPES)} models (README: the model table)"
+        )
+    if data_args.packing and model_type in PACKING_REFUSED:
+        raise ConfigError(
+            f"--packing true: transformers masks packed {model_type!r} rows wrongly (samples would see each other); "
+            "pass --packing false (--train_sampling_strategy group_by_length also cuts padding)"
         )
     processor = load_processor(model_args, *recipe_args)
     # An offload config needing more host RAM than the machine has (model states and the records) fails here; the
@@ -185,7 +198,12 @@ def main():
         processor,
         guard_text_only_batches=data_args.guard_text_only_batches,
         media_kinds=media_kinds(train_dataset, eval_dataset),
+        packing=data_args.packing,
     )
+    if data_args.packing:  # rows of --max_length tokens, each of several samples (vlm_recipes/packing.py)
+        train_dataset = PackedDataset(train_dataset, data_args.max_length)
+        if training_args.process_index == 0:
+            print(train_dataset.describe(), flush=True)
 
     # ---- trainer ------------------------------------------------------------------------------------------------
     trainer = RecipeTrainer(  # the HF Trainer; group_by_length takes the preflight's lengths
@@ -196,6 +214,7 @@ def main():
         data_collator=collator,
         processing_class=processor,
         callbacks=[ResolvedDeepSpeedConfigCallback(), RunStatsCallback(), CheckpointCompleteCallback()],
+        packed_position_ids=packed_position_ids,
     )
 
     # ---- train --------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from vlm_recipes.data import ConversationDataset, media_kinds, read_records
 from vlm_recipes.ds_config import check_deepspeed_config
 from vlm_recipes.host_memory import check_host_memory
 from vlm_recipes.masking import image_tokens_at_cap
+from vlm_recipes.packing import PackedDataset
 from vlm_recipes.parts import ModelParts, adapters_for, freeze_parts
 from vlm_recipes.preflight import preflight
 from vlm_recipes.run_stats import RunStatsCallback
@@ -133,6 +134,7 @@ def load_processor(model_args, image_args):
     return processor
 
 
+PACKING_REFUSED = ()  # model types whose packed rows transformers masks wrongly (image_text_to_text.py)
 RECIPE_ARGUMENTS = (
     QwenImageArguments,
 )  # this recipe's own argument dataclasses, parsed with the shared ones
@@ -141,6 +143,21 @@ RECIPE_ARGUMENTS = (
 def fewer_media_tokens(tokens_at_cap: int) -> str:
     """The advice for a sample whose images do not fit --max_length."""
     return f"lower --max_pixels or --video_max_pixels (an image is now up to {tokens_at_cap:,} tokens)"
+
+
+def packed_position_ids(model, batch):
+    """--packing true: the positions of a packed row. Qwen-VL's rotary positions are (temporal, height, width) per
+    token; the model computes them over the whole row, where each sample's start after the previous one's end (rotary
+    attention sees only differences, so within a sample they act as its own), under the per-sample 0..n-1 the
+    collator wrote, from which transformers finds the samples' boundaries."""
+    import torch
+
+    rope, _ = model.model.get_rope_index(
+        input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch.get("image_grid_thw"), video_grid_thw=batch.get("video_grid_thw"),
+        second_per_grid_ts=batch.get("second_per_grid_ts"),
+    )  # fmt: skip
+    return torch.cat([batch["position_ids"][None], rope.to(batch["position_ids"].device)])
 
 
 def load_model(model_args, **loading):
@@ -196,6 +213,11 @@ def main():
         raise ConfigError(
             f"{model_args.model_name_or_path} is a {model_type!r} checkpoint; recipes/{Path(__file__).name} trains "
             f"{', '.join(MODEL_TYPES)} models (README: the model table)"
+        )
+    if data_args.packing and model_type in PACKING_REFUSED:
+        raise ConfigError(
+            f"--packing true: transformers masks packed {model_type!r} rows wrongly (samples would see each other); "
+            "pass --packing false (--train_sampling_strategy group_by_length also cuts padding)"
         )
     processor = load_processor(model_args, *recipe_args)
     # An offload config needing more host RAM than the machine has (model states and the records) fails here; the
@@ -256,7 +278,12 @@ def main():
         processor,
         guard_text_only_batches=data_args.guard_text_only_batches,
         media_kinds=media_kinds(train_dataset, eval_dataset),
+        packing=data_args.packing,
     )
+    if data_args.packing:  # rows of --max_length tokens, each of several samples (vlm_recipes/packing.py)
+        train_dataset = PackedDataset(train_dataset, data_args.max_length)
+        if training_args.process_index == 0:
+            print(train_dataset.describe(), flush=True)
 
     # ---- trainer ------------------------------------------------------------------------------------------------
     trainer = RecipeTrainer(  # the HF Trainer; group_by_length takes the preflight's lengths
@@ -267,6 +294,7 @@ def main():
         data_collator=collator,
         processing_class=processor,
         callbacks=[ResolvedDeepSpeedConfigCallback(), RunStatsCallback(), CheckpointCompleteCallback()],
+        packed_position_ids=packed_position_ids,
     )
 
     # ---- train --------------------------------------------------------------------------------------------------

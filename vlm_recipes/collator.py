@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from vlm_recipes.masking import IGNORE_INDEX, PER_TOKEN_KEYS, add_special_tokens_for, render
+from vlm_recipes.packing import REAL_TOKENS, sample_positions
 
 
 def blank_media(kind: str) -> dict:
@@ -50,6 +51,9 @@ class ConversationCollator:
     # gradients are unchanged.
     guard_text_only_batches: bool = True
     media_kinds: tuple[str, ...] = ("image",)
+    # --packing true: each item is a bin of samples (packing.PackedDataset), made into one row with per-sample
+    # position_ids and no attention mask (see vlm_recipes/packing.py).
+    packing: bool = False
     _blank_rows: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -77,6 +81,8 @@ class ConversationCollator:
         return {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return self.packed_batch([item if isinstance(item, list) else [item] for item in samples])
         if self.guard_text_only_batches:
             samples = [*samples, *self.guard_rows(samples)]
         longest = max(len(sample["input_ids"]) for sample in samples)
@@ -95,6 +101,44 @@ class ConversationCollator:
                 # tokens in order, so text-only samples simply contribute none.
                 batch[key] = concatenate_padded(present)
         return batch
+
+    def packed_batch(self, rows: list[list[dict]]) -> dict[str, torch.Tensor]:
+        """One row per bin: its samples' tokens one after another, position_ids restarting at each sample, and the
+        first token of each sample unlabelled (in a row of its own nothing predicts it); the ZeRO-3 guard's blank
+        rows join the last row as samples of their own. Padding after a row's samples is a segment of its own."""
+        if self.guard_text_only_batches:
+            rows[-1] = [*rows[-1], *self.guard_rows([sample for row in rows for sample in row])]
+        lengths = [[len(sample["input_ids"]) for sample in row] for row in rows]
+        longest = max(sum(row) for row in lengths)
+        length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        samples = [sample for row in rows for sample in row]
+        batch = {}
+        for key in {key for sample in samples for key in sample if key in PER_TOKEN_KEYS} - {
+            "attention_mask"
+        }:
+            template = next(sample[key] for sample in samples if key in sample)
+            padded = torch.full((len(rows), length), self.padding_value(key), dtype=template.dtype)
+            for r, row in enumerate(rows):
+                pieces = [self.packed_piece(sample, key) for sample in row]
+                tokens = torch.cat(pieces)
+                padded[r, : len(tokens)] = tokens
+            batch[key] = padded
+        batch["position_ids"] = torch.stack(
+            [sample_positions([*row, length - sum(row)] if sum(row) < length else row) for row in lengths]
+        )
+        for key in {key for sample in samples for key in sample if key not in PER_TOKEN_KEYS}:
+            batch[key] = concatenate_padded([sample[key] for sample in samples if key in sample])
+        batch[REAL_TOKENS] = torch.tensor(sum(map(sum, lengths)))
+        return batch
+
+    def packed_piece(self, sample: dict, key: str) -> torch.Tensor:
+        if key not in sample:
+            return torch.full_like(sample["input_ids"], self.padding_value(key))
+        if key != "labels":
+            return sample[key]
+        labels = sample[key].clone()
+        labels[0] = IGNORE_INDEX
+        return labels
 
 
 def concatenate_padded(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -121,6 +121,14 @@ class DataArguments:
             "the vision tower (without it, mixed text-only/image data can hang); the loss is unchanged."
         },
     )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack several samples into each row of --max_length tokens (vlm_recipes/packing.py): almost no "
+            "padding on data of mixed lengths; no sample attends to another; the loss is the same per token. "
+            "--per_device_train_batch_size then counts rows."
+        },
+    )
 
 
 @dataclass
@@ -355,6 +363,12 @@ def parse_recipe_args(default_config: Path, argv: list[str] | None = None, extra
         raise ConfigError(
             "--use_dora true adapts the LoRA adapters, but --use_lora is false: pass --use_lora true as well "
             "(DoRA is LoRA with each adapted weight's magnitude trained apart)"
+        )
+    data_args = next((a for a in parsed if isinstance(a, DataArguments)), None)
+    if data_args is not None and data_args.packing and not data_args.max_length:
+        raise ConfigError(
+            "--packing true packs samples into rows of --max_length tokens, but --max_length is unset: give it "
+            "(2048 in the recipes' YAMLs) or pass --packing false"
         )
     move_secrets_to_environment(training_args)
     if training_args.torch_compile:

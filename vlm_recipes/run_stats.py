@@ -1,7 +1,7 @@
 """What a run cost: wall time per optimizer step, GPU memory peaks and host memory peaks, for every rank.
 
 Every recipe adds `RunStatsCallback`. At the end of training each rank writes output_dir/run_stats/rank<N>.json
-(steps run in this launch, step times, memory peaks, how many parameter elements the model has, how many it
+(steps run in this launch, step times, sample tokens and padded slots per step, memory peaks, how many parameter elements the model has, how many it
 trains, and how many the rank owns: its shard under ZeRO-3 and FSDP2) and rank 0 prints one summary line. scripts/benchmark.py reads these files, and the memory
 planner's tests compare its estimates against them, so a benchmark row and a user's run are measured by the same
 code.
@@ -92,6 +92,11 @@ class RunStatsCallback(TrainerCallback):
         self.profiler = None
         self.profiled_steps: list[int] = []
         self.parameters_owned = self.parameters_total = self.parameters_trainable = 0
+        # Filled by RecipeTrainer as it sees each micro-batch: sample tokens and slots (rows x length) so far.
+        self.token_counts: dict | None = None
+        self.counted = {"real": 0, "slots": 0}
+        self.real_tokens_per_step: list[int] = []
+        self.slots_per_step: list[int] = []
 
     def synchronize(self):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -122,6 +127,10 @@ class RunStatsCallback(TrainerCallback):
         now = time.perf_counter()
         self.step_times.append(now - self.last)
         self.last = now
+        if self.token_counts is not None:  # this step's share of the counts (its micro-batches on this rank)
+            self.real_tokens_per_step.append(self.token_counts["real"] - self.counted["real"])
+            self.slots_per_step.append(self.token_counts["slots"] - self.counted["slots"])
+            self.counted = dict(self.token_counts)
         if len(self.step_times) == 1:
             self.first_step_end_unix = time.time()
         if len(self.step_times) == 1 and model is not None:
@@ -153,6 +162,8 @@ class RunStatsCallback(TrainerCallback):
             "parameter_elements_total": self.parameters_total,
             "parameter_elements_trainable": self.parameters_trainable,
             "step_times_s": [round(t, 4) for t in self.step_times],
+            "real_tokens_per_step": self.real_tokens_per_step,  # this rank's sample tokens, padding left out
+            "slots_per_step": self.slots_per_step,  # this rank's rows x length: what the model computed on
             "train_begin_unix": self.train_begin_unix,
             "first_step_end_unix": self.first_step_end_unix,
             "median_step_time_s": statistics.median(self.steady_step_times() or self.step_times or [0.0]),

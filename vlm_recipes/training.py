@@ -357,7 +357,40 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 class RecipeTrainer(Trainer):
     """The HF Trainer, with `--train_sampling_strategy group_by_length` taking each sample's length from the
     preflight (ConversationDataset.lengths, measured when every record was tokenized before training) instead of
-    the Trainer tokenizing every record again in the main process to find it (hours at 665k records)."""
+    the Trainer tokenizing every record again in the main process to find it (hours at 665k records).
+
+    It also counts each training micro-batch's sample tokens and its slots (rows x length), for the padding figures
+    of run_stats, and for a packed batch (--packing true) hands the model the positions the recipe's
+    `packed_position_ids(model, batch)` computes, where the model's rotary positions are not 1-D (Qwen-VL)."""
+
+    def __init__(self, *args, packed_position_ids=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.packed_position_ids = packed_position_ids
+        self.token_counts = {"real": 0, "slots": 0}
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "token_counts"):  # RunStatsCallback reports them
+                callback.token_counts = self.token_counts
+
+    def model_inputs(self, model, inputs: dict) -> dict:
+        from vlm_recipes.packing import REAL_TOKENS, model_inputs
+
+        real = inputs.get(REAL_TOKENS)
+        if model.training:
+            mask = inputs.get("attention_mask")
+            self.token_counts["real"] += int(
+                real if real is not None else mask.sum() if mask is not None else 0
+            )
+            self.token_counts["slots"] += inputs["input_ids"].numel()
+        if real is None:
+            return inputs
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base  # a PEFT model's own
+        return model_inputs(inputs, base, self.packed_position_ids)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(
+            model, self.model_inputs(model, inputs), return_outputs, num_items_in_batch
+        )
 
     def sampler_seed(self) -> int:
         return self.args.data_seed if self.args.data_seed is not None else self.args.seed
