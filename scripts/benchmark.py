@@ -167,32 +167,33 @@ def build_model_folder(name: str, folder: Path, tiny: bool) -> int:
 
 
 # ---- the data -----------------------------------------------------------------------------------------------------
-def sample_length(processor, words: int, image_path: Path) -> int:
+def sample_length(processor, words: int, image_path: Path | list[Path]) -> int:
     """Tokens of one synthetic sample, counted by the recipes' own tokenization (image tokens included)."""
     from vlm_recipes.data import ConversationDataset, normalize_record
 
-    messages, _, _ = normalize_record(record(words, image_path))
-    dataset = ConversationDataset([{"messages": messages, "images": [image_path], "videos": [], "source": "probe"}],
+    images = image_path if isinstance(image_path, list) else [image_path]
+    messages, _, _ = normalize_record(record(words, images))
+    dataset = ConversationDataset([{"messages": messages, "images": images, "videos": [], "source": "probe"}],
                                   processor, max_length=None)  # fmt: skip
     return int(dataset[0]["input_ids"].shape[-1])
 
 
-def record(words: int, image: Path, index: int = 0) -> dict:
+def record(words: int, image: Path | list[Path], index: int = 0) -> dict:
     # Half the words in the question, half in the answer, so half the text tokens carry a label.
+    images = image if isinstance(image, list) else [image]
     question = " ".join(["red"] * (words // 2))
     answer = " ".join(["blue"] * (words - words // 2))
     return {
         "id": f"bench-{index}",
-        "image": image.name,
+        **({"images": [path.name for path in images]} if images else {}),
         "conversations": [
-            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "human", "value": "<image>\n" * len(images) + question},
             {"from": "gpt", "value": answer},
         ],
     }
 
 
-def write_dataset(folder: Path, processor, image_size: int, seq_len: int, records: int) -> int:
-    """A LLaVA-format JSONL where every sample is exactly seq_len tokens (or the closest above); its length."""
+def write_images(folder: Path, image_size: int) -> list[Path]:
     import numpy as np
     from PIL import Image
 
@@ -203,6 +204,12 @@ def write_dataset(folder: Path, processor, image_size: int, seq_len: int, record
         path = folder / f"image_{k}.png"
         Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)).save(path)
         images.append(path)
+    return images
+
+
+def write_dataset(folder: Path, processor, image_size: int, seq_len: int, records: int) -> int:
+    """A LLaVA-format JSONL where every sample is exactly seq_len tokens (or the closest above); its length."""
+    images = write_images(folder, image_size)
     base = sample_length(processor, 2, images[0])
     if base > seq_len:
         raise SystemExit(f"--seq_len {seq_len} is shorter than one image and the template ({base} tokens)")
@@ -216,6 +223,50 @@ def write_dataset(folder: Path, processor, image_size: int, seq_len: int, record
         for k in range(records):
             out.write(json.dumps(record(words, images[k % len(images)], k)) + "\n")
     return length
+
+
+# The length mix (--length_mix): shaped like LLaVA-1.5's instruction mix (llava_v1_5_mix665k.json, the LLaVA-1.5
+# paper's Table 7): 466k short-answer VQA records (VQAv2 83k, GQA 72k, OKVQA 9k, A-OKVQA 66k, OCR-VQA 80k, TextCaps
+# 22k, RefCOCO 48k, VG 86k), grouped there into several question-answer turns per image; 158k LLaVA-Instruct
+# conversations, detailed descriptions and reasoning; 40k ShareGPT text-only chats, long, cut at the 2,048-token
+# limit. The shares are the mix's; the text lengths are a model of each kind (log-normal, medians and spreads
+# chosen to match those kinds of data, not measured from the file, which this machine cannot download). LLaVA-1.5
+# has at most one image a sample; a tenth of the image samples here get 2 or 3 (our addition, so that multi-image
+# batches are timed too). Every sample fits --seq_len: text is cut where images and text would not.
+# (name, share, text tokens: median, log-spread, images: {count: share among the kind's samples})
+LENGTH_MIX = (
+    ("short-answer VQA, multi-turn", 0.70, 120, 0.6, {1: 0.90, 2: 0.07, 3: 0.03}),
+    ("LLaVA-Instruct conversation / detail / reasoning", 0.24, 280, 0.5, {1: 0.90, 2: 0.07, 3: 0.03}),
+    ("ShareGPT, text only", 0.06, 900, 0.8, {0: 1.0}),
+)
+
+
+def write_length_mix(folder: Path, processor, image_size: int, seq_len: int, records: int) -> dict:
+    """A LLaVA-format JSONL of `records` samples drawn from LENGTH_MIX (seed 0); what was drawn."""
+    import numpy as np
+
+    images = write_images(folder, image_size)
+    rng = np.random.default_rng(0)
+    base = {k: sample_length(processor, 2, images[:k]) for k in range(4)}  # template + k images, 2 words
+    lengths, counts = [], {k: 0 for k in range(4)}
+    with open(folder / "train.jsonl", "w") as out:
+        for index in range(records):
+            _, _, median, spread, image_shares = LENGTH_MIX[
+                rng.choice(len(LENGTH_MIX), p=[kind[1] for kind in LENGTH_MIX])
+            ]
+            count = int(rng.choice(list(image_shares), p=list(image_shares.values())))
+            while count and base[count] > seq_len - 8:  # images that do not fit: fewer of them
+                count -= 1
+            words = int(min(rng.lognormal(np.log(median), spread), seq_len - base[count] + 2))
+            picked = [images[(index + j) % len(images)] for j in range(count)]
+            out.write(json.dumps(record(max(words, 2), picked, index)) + "\n")
+            lengths.append(base[count] - 2 + max(words, 2))  # one token a word (the words are single tokens)
+            counts[count] += 1
+    return {
+        "records": records, "mean_tokens": round(float(np.mean(lengths)), 1),
+        "median_tokens": int(np.median(lengths)), "max_tokens": int(max(lengths)),
+        "images_per_sample": {str(k): round(v / records, 3) for k, v in counts.items()},
+    }  # fmt: skip
 
 
 # ---- one run ------------------------------------------------------------------------------------------------------
@@ -287,16 +338,53 @@ RECORDED_ENVIRONMENT = ("PYTORCH_CUDA_ALLOC_CONF", "OMP_NUM_THREADS", "CUDA_VISI
                         "NCCL_NVLS_ENABLE", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION")  # fmt: skip
 
 
-def run_one(args, config_name: str, model_dir: Path, data_dir: Path, params: int, seq_len: int) -> dict:
+# How a micro-batch is made of samples (--batching): as they come, padded to the longest; grouped by length
+# (the recipes' --train_sampling_strategy group_by_length); or packed into rows of --seq_len tokens (--packing true).
+BATCHING_ARGS = {
+    "padded": [],
+    "grouped": ["--train_sampling_strategy", "group_by_length"],
+    "packed": ["--packing", "true"],
+}
+
+
+def steady_token_figures(stats: list[dict], warmup: int) -> dict:
+    """Sample tokens per second (padding left out) and the padding fraction, over the steps after the warm-up, all
+    ranks together: the figures that compare padded, grouped and packed batches of the same data."""
+    rank0 = stats[0]
+    steps = [
+        k
+        for k in range(len(rank0["step_times_s"]))
+        if k >= warmup and k not in rank0["profiled_steps_excluded"]
+    ]
+    real = sum(rank["real_tokens_per_step"][k] for rank in stats for k in steps)
+    slots = sum(rank["slots_per_step"][k] for rank in stats for k in steps)
+    seconds = sum(rank0["step_times_s"][k] for k in steps)
+    return {
+        "real_tokens_per_s": round(real / seconds, 1) if seconds else None,
+        "padding_fraction": round(1 - real / slots, 4) if slots else None,
+        "real_tokens_per_step": round(real / len(steps), 1) if steps else None,
+    }
+
+
+def run_one(
+    args,
+    config_name: str,
+    model_dir: Path,
+    data_dir: Path,
+    params: int,
+    seq_len: int,
+    batching: str = "padded",
+) -> dict:
     from vlm_recipes.known_models import KNOWN_MODELS
     from vlm_recipes.run_stats import read_run_stats
 
     known = KNOWN_MODELS[args.model]
     label = config_name.split("=", 1)[0] + (f"+{'+'.join(args.ds_set)}" if args.ds_set else "")
+    micro_batch = args.packed_micro_batch or args.micro_batch if batching == "packed" else args.micro_batch
     run_dir = (
         Path(args.work_dir)
         / "runs"
-        / f"{args.model}-{args.mode}-{label.replace('/', '_')}-{int(time.time())}"
+        / f"{args.model}-{args.mode}-{label.replace('/', '_')}-{batching}-{int(time.time())}"
     )
     yaml_path, ds_path, extra = launch_config(config_name, run_dir, args.ds_set)
     grad_accum = 1 if config_name == "seed" else args.grad_accum
@@ -304,7 +392,7 @@ def run_one(args, config_name: str, model_dir: Path, data_dir: Path, params: int
         "--config", RECIPE_DEFAULT_CONFIG[known.recipe],
         "--model_name_or_path", model_dir, "--dataset_path", data_dir / "train.jsonl", "--image_root", data_dir,
         "--output_dir", run_dir, "--overwrite_output_dir", "true", "--save_final_model", "false",
-        "--max_steps", args.steps, "--per_device_train_batch_size", args.micro_batch,
+        "--max_steps", args.steps, "--per_device_train_batch_size", micro_batch,
         "--gradient_accumulation_steps", grad_accum, "--max_length", seq_len,
         "--save_strategy", "no", "--report_to", "none", "--logging_steps", max(args.steps // 4, 1),
         "--dataloader_num_workers", args.dataloader_workers,
@@ -312,7 +400,7 @@ def run_one(args, config_name: str, model_dir: Path, data_dir: Path, params: int
         "--use_lora", "true" if args.mode == "lora" else "false",
         "--gradient_checkpointing", "false" if args.no_gradient_checkpointing else "true",
         "--attn_implementation", args.attn_implementation,
-        *extra, *shlex.split(args.recipe_args),
+        *extra, *BATCHING_ARGS[batching], *shlex.split(args.recipe_args),
     ]  # fmt: skip
     if known.recipe == "qwen_vl":
         recipe_args += ["--min_pixels", known.image_size**2, "--max_pixels", known.image_size**2]
@@ -341,9 +429,10 @@ def run_one(args, config_name: str, model_dir: Path, data_dir: Path, params: int
             process.wait()
             returncode = f"timeout after {args.timeout} s"
     log_text = (run_dir / "log.txt").read_text(errors="replace")
-    global_batch = args.micro_batch * grad_accum * args.num_processes
+    global_batch = micro_batch * grad_accum * args.num_processes
     line = {
-        "model": args.model, "config": label, "mode": args.mode, "micro_batch": args.micro_batch,
+        "model": args.model, "config": label, "mode": args.mode, "micro_batch": micro_batch,
+        "batching": batching, "length_mix": args.length_mix,
         "grad_accum": grad_accum, "num_processes": args.num_processes, "seq_len": seq_len,
         "image_size": known.image_size, "gradient_checkpointing": not args.no_gradient_checkpointing,
         "attn_implementation": args.attn_implementation, "recipe_args": args.recipe_args,
@@ -358,13 +447,16 @@ def run_one(args, config_name: str, model_dir: Path, data_dir: Path, params: int
                 "error": error_summary(log_text, returncode)}  # fmt: skip
     rank0 = stats[0]
     step = statistics.median(s["median_step_time_s"] for s in stats)
-    tokens_per_s = global_batch * seq_len / step
+    figures = steady_token_figures(stats, rank0["warmup_steps_excluded"])
+    # Fixed-length samples: every slot is a sample's token. A length mix: only the samples' own tokens count.
+    tokens_per_s = figures["real_tokens_per_s"] if args.length_mix else global_batch * seq_len / step
     gpu = rank0.get("gpu_name") or ""
     peak = next((tflops for key, tflops in BF16_PEAK_TFLOPS.items() if key in gpu), None)
     resolved = run_dir / "ds_config_resolved.json"
     return {
         **line,
         "status": "ok",
+        **figures,
         "median_step_time_s": round(step, 4),
         "tokens_per_s": round(tokens_per_s, 1),
         "tokens_per_s_per_gpu": round(tokens_per_s / args.num_processes, 1),
@@ -422,17 +514,37 @@ def run(args) -> None:
     model_dir = work / "models" / (args.model + ("-tiny" if args.tiny else ""))
     params = build_model_folder(args.model, model_dir, args.tiny)
     processor = AutoProcessor.from_pretrained(model_dir)
-    data_dir = work / "data" / f"{known.recipe}-{known.image_size}-{args.seq_len}"
     records = args.micro_batch * args.grad_accum * args.num_processes * (args.steps + 2)
-    seq_len = write_dataset(data_dir, processor, known.image_size, args.seq_len, records)
+    if args.length_mix:  # enough samples for every step even when rows hold several (packed)
+        data_dir = work / "data" / f"{known.recipe}-{known.image_size}-{args.seq_len}-mix"
+        seq_len, drawn = (
+            args.seq_len,
+            write_length_mix(data_dir, processor, known.image_size, args.seq_len, 8 * records),
+        )
+        print(f"length mix: {json.dumps(drawn)}", flush=True)
+    else:
+        data_dir = work / "data" / f"{known.recipe}-{known.image_size}-{args.seq_len}"
+        seq_len, drawn = write_dataset(data_dir, processor, known.image_size, args.seq_len, records), None
     environment = versions()
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    for config_name in args.configs.split(","):
-        line = {**run_one(args, config_name, model_dir, data_dir, params, seq_len), "versions": environment}
+    unknown = set(args.batching.split(",")) - set(BATCHING_ARGS)
+    if unknown:
+        raise SystemExit(
+            f"--batching: unknown {', '.join(sorted(unknown))}; choose from {', '.join(BATCHING_ARGS)}"
+        )
+    runs = [(config, batching) for config in args.configs.split(",") for batching in args.batching.split(",")]
+    for config_name, batching in runs:
+        line = {
+            **run_one(args, config_name, model_dir, data_dir, params, seq_len, batching),
+            "versions": environment,
+        }
+        if drawn:
+            line["length_mix_drawn"] = drawn
         line["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         with open(args.results, "a") as out:
             out.write(json.dumps(line) + "\n")
-        shown = {k: line.get(k) for k in ("config", "status", "median_step_time_s", "tokens_per_s", "mfu",
+        shown = {k: line.get(k) for k in ("config", "batching", "status", "median_step_time_s", "tokens_per_s",
+                                          "padding_fraction", "mfu",
                                           "gpu_peak_allocated_gib", "host_peak_rss_gib_per_process", "error")}  # fmt: skip
         print("RESULT " + json.dumps(shown), flush=True)
 
@@ -514,6 +626,39 @@ def scaling_table(lines: list[dict]) -> None:
         print("\n".join(rows))
 
 
+def length_mix_table(lines: list[dict]) -> None:
+    """The length-mix runs: sample tokens/s and the padding fraction of each batching, against the latest
+    fixed-length run of the same model, mode and config before it."""
+    rows = []
+    for k, x in enumerate(lines):
+        if not x.get("length_mix"):
+            continue
+        batch = f"{x['micro_batch']} x {x['grad_accum']} x {x['num_processes']}"
+        if x["status"] != "ok":
+            rows.append(f"| {x['model']} | {x['mode']} | {x['config']} | {x['batching']} | {batch} | failed: "
+                        f"{x['error'][:120]} | | | |")  # fmt: skip
+            continue
+        fixed = [
+            y for y in lines[:k]
+            if y["status"] == "ok" and not y.get("length_mix")
+            and all(y.get(f) == x.get(f) for f in ("model", "mode", "config", "attn_implementation"))
+        ]  # fmt: skip
+        base = fixed[-1]["tokens_per_s"] if fixed else None
+        mfu = f"{100 * x['mfu']:.1f}%" if x.get("mfu") is not None else "-"
+        against = f"{100 * x['real_tokens_per_s'] / base:.0f}% of {base:,.0f}" if base else "-"
+        rows.append(
+            f"| {x['model']} | {x['mode']} | {x['config']} | {x['batching']} | {batch} | "
+            f"{x['real_tokens_per_s']:,.0f} | {100 * x['padding_fraction']:.1f}% | {mfu} | {against} |"
+        )
+    if rows:
+        print("\nLength mix (--length_mix): the samples' own tokens per second, and the share of computed slots that "
+              "were padding\n")  # fmt: skip
+        print("| model | mode | config | batching | micro-batch x accum x GPUs | sample tokens/s | padding | MFU | "
+              "vs the fixed-length run |")  # fmt: skip
+        print("|" + " --- |" * 9)
+        print("\n".join(rows))
+
+
 def report(args) -> None:
     lines = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
     header = ("| model | mode | config | attention, checkpointing, other | micro-batch x accum x GPUs | step (s) | "
@@ -544,6 +689,7 @@ def report(args) -> None:
             f"{gpu_text} | {measured_host:.1f} | {host_text} |"
         )
     scaling_table(lines)
+    length_mix_table(lines)
     if args.plot:
         import matplotlib
 
@@ -583,6 +729,23 @@ def main() -> None:
         "--seq_len", type=int, default=512, help="tokens per sample, image tokens included"
     )
     run_parser.add_argument("--steps", type=int, default=12, help="optimizer steps; the first 3 are warm-up")
+    run_parser.add_argument(
+        "--length_mix",
+        action="store_true",
+        help="samples of mixed lengths and 0-3 images, shaped like LLaVA-1.5's mix (LENGTH_MIX), "
+        "each at most --seq_len tokens; tokens/s then counts the samples' tokens only",
+    )
+    run_parser.add_argument(
+        "--batching",
+        default="padded",
+        help="comma-separated: padded, grouped (group_by_length), packed (--packing true)",
+    )
+    run_parser.add_argument(
+        "--packed_micro_batch",
+        type=int,
+        default=None,
+        help="rows of --seq_len tokens per micro-batch when packed (default: --micro_batch)",
+    )
     run_parser.add_argument("--num_processes", type=int, default=1)
     run_parser.add_argument("--dataloader_workers", type=int, default=4)
     run_parser.add_argument("--attn_implementation", default="sdpa")

@@ -110,3 +110,24 @@ def test_scaling_table_compares_with_the_last_one_gpu_run_of_the_same_setting(ca
         "| m | full | zero3_offload | 4 x 1 | 2 | 1.00 | 1,800 | 900 | 1,000 | 90% | 10.0 / 11.0 | 50.0 / 50.0 |"
         in out
     )
+
+
+def test_the_length_mix_reports_sample_tokens_and_padding_for_padded_and_packed_batches(tmp_path):
+    results = tmp_path / "results.jsonl"
+    run_command(
+        [sys.executable, "scripts/benchmark.py", "run", "--model", "qwen2.5-vl-3b", "--tiny", "--length_mix",
+         "--batching", "padded,packed", "--configs", "zero3_offload", "--steps", "5", "--micro_batch", "4",
+         "--packed_micro_batch", "1", "--seq_len", "768", "--num_processes", "1", "--dataloader_workers", "0",
+         "--work_dir", tmp_path, "--results", results],
+        timeout=900,
+    )  # fmt: skip
+    padded, packed = [json.loads(text) for text in results.read_text().splitlines()]
+    assert padded["status"] == packed["status"] == "ok", (padded, packed)
+    assert (padded["batching"], packed["batching"], packed["micro_batch"]) == ("padded", "packed", 1)
+    drawn = packed["length_mix_drawn"]
+    assert drawn["images_per_sample"]["0"] > 0 and drawn["max_tokens"] <= 768 < 2 * drawn["mean_tokens"] * 4
+    # Mixed lengths padded to each batch's longest waste slots; rows packed to 768 tokens waste few.
+    assert packed["padding_fraction"] < 0.10 < padded["padding_fraction"], (packed, padded)
+    assert packed["tokens_per_s"] == packed["real_tokens_per_s"] > 0
+    report = run_command([sys.executable, "scripts/benchmark.py", "report", results]).stdout
+    assert "| qwen2.5-vl-3b | full | zero3_offload | packed | 1 x 1 x 1 |" in report
