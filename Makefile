@@ -26,7 +26,7 @@ else
 INSTALLED :=
 endif
 
-.PHONY: help install demo train test test-extended test-gpu multi-gpu lint format clean wheelhouse benchmark benchmark-data
+.PHONY: help install demo train test test-extended test-gpu multi-gpu lint format clean wheelhouse benchmark benchmark-data update-quality
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -75,6 +75,9 @@ wheelhouse: $(INSTALLED)  ## wheels for an air-gapped node: [WHEELHOUSE=dir] [WH
 
 benchmark: $(INSTALLED)  ## on a GPU: make benchmark ARGS="--model qwen2.5-vl-3b --configs seed,zero2_offload" (docs/benchmarks.md)
 	$(PYTHON) scripts/benchmark.py run $(ARGS)
+
+update-quality: $(INSTALLED)  ## on CPU: loss curves of fp32 / plain bf16 / compensated bf16 AdamW at lr 2e-5 (docs/benchmarks.md) [ARGS=...]
+	$(PYTHON) scripts/update_quality.py --out docs/benchmarks/update_quality $(ARGS)
 
 benchmark-data: $(INSTALLED)  ## the data path at scale, on CPU: make benchmark-data ARGS="--records 100000" (docs/benchmarks.md)
 	$(PYTHON) scripts/benchmark_data.py $(ARGS)

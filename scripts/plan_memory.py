@@ -59,6 +59,7 @@ def defaults_from_recipe_yaml(path: Path) -> dict:
         "micro_batch": values.get("per_device_train_batch_size"),
         "seq_len": values.get("max_length"),
         "dataloader_workers": values.get("dataloader_num_workers"),
+        "compensated_bf16_updates": values.get("compensated_bf16_updates") or None,
     }
     if values.get("use_lora"):
         defaults["mode"] = "lora"
@@ -104,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--fp32_master_weights", action="store_true",
                         help="recommend only configs that keep fp32 master weights (not plain bf16 single_gpu / DDP)")  # fmt: skip
+    parser.add_argument("--compensated_bf16_updates", action="store_true",
+                        help="single_gpu / multi_gpu with the recipes' --compensated_bf16_updates true: updates as "
+                        "precise as fp32 master weights, 2 bytes more per trained parameter")  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="a CPU-only run: the 'GPU' memory is host memory")
     parser.add_argument("--breakdown", action="store_true", help="list what each estimate is made of")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -223,6 +227,7 @@ def setup_from(args, config) -> tuple[TrainingSetup, str]:
         image_tokens=image_tokens,
         gradient_checkpointing=not args.no_gradient_checkpointing,
         dataloader_workers=args.dataloader_workers,
+        compensated_updates=args.compensated_bf16_updates,
     )
     return setup, image_tokens_from
 

@@ -331,6 +331,8 @@ class TrainingSetup:
     dataloader_workers: int = 4
     records: int = 0  # training + evaluation records each process reads
     records_table_bytes: int = 0  # their memory-mapped Arrow file(s): one copy in the page cache per node
+    # --compensated_bf16_updates: without DeepSpeed, a bf16 compensation per weight trained in full (optim.py)
+    compensated_updates: bool = False
 
     @classmethod
     def from_mode(
@@ -588,6 +590,8 @@ def states_without_deepspeed(shape, setup, hardware, trainable, frozen) -> tuple
     # (autocast_adapter_dtype).
     adapters = lora_params(shape, setup)
     gpu = {"trainable weights, gradients, Adam (bf16)": (trainable - adapters) * 4 * BYTES_16BIT}
+    if setup.compensated_updates:  # what rounding dropped from each weight's updates (vlm_recipes/optim.py)
+        gpu["compensation of the bf16 updates"] = (trainable - adapters) * BYTES_16BIT
     if adapters:
         gpu["LoRA adapters, gradients, Adam (fp32)"] = adapters * 4 * BYTES_FP32
     gpu["frozen weights"] = frozen * BYTES_16BIT
@@ -712,11 +716,12 @@ def estimate(
 def caveat(config_name: str, shape: ModelShape, setup: TrainingSetup) -> str:
     trainable, _ = parameter_split(shape, setup)
     trained_in_full = trainable - lora_params(shape, setup)  # PEFT keeps adapters in fp32; these stay bf16
-    if config_name in ("single_gpu", "multi_gpu") and trained_in_full:
+    if config_name in ("single_gpu", "multi_gpu") and trained_in_full and not setup.compensated_updates:
         return (
             f"without DeepSpeed or FSDP2 the {trained_in_full / 1e9:.2f}B parameters trained in full are bf16, "
             "updated by bf16 Adam moments with no fp32 master copy, so updates below about 0.2% of a weight are "
-            "rounded away; the DeepSpeed and FSDP2 configs keep fp32 master weights"
+            "rounded away (--compensated_bf16_updates true keeps them, 2 bytes more per parameter); the DeepSpeed "
+            "and FSDP2 configs keep fp32 master weights"
         )
     return ""
 
@@ -808,6 +813,7 @@ def setup_from_arguments(
         seq_len=data_args.max_length or 2048,
         gradient_checkpointing=training_args.gradient_checkpointing,
         dataloader_workers=training_args.dataloader_num_workers,
+        compensated_updates=getattr(training_args, "compensated_bf16_updates", False),
     )
 
 

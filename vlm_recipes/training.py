@@ -387,6 +387,26 @@ class RecipeTrainer(Trainer):
         base = base.get_base_model() if hasattr(base, "get_base_model") else base  # a PEFT model's own
         return model_inputs(inputs, base, self.packed_position_ids)
 
+    def create_optimizer(self, model=None):
+        """--compensated_bf16_updates true: vlm_recipes.optim.CompensatedAdamW, with the Trainer's weight-decay
+        groups and AdamW settings; otherwise the Trainer's own."""
+        if not getattr(self.args, "compensated_bf16_updates", False) or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from vlm_recipes.optim import CompensatedAdamW
+
+        model = model if model is not None else self.model
+        decay = set(self.get_decay_parameter_names(model))
+        trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for name, p in trained if name in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for name, p in trained if name not in decay], "weight_decay": 0.0},
+        ]
+        self.optimizer = CompensatedAdamW(
+            [group for group in groups if group["params"]], lr=self.args.learning_rate,
+            betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+        )  # fmt: skip
+        return self.optimizer
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         return super().compute_loss(
             model, self.model_inputs(model, inputs), return_outputs, num_items_in_batch

@@ -1,0 +1,106 @@
+"""--compensated_bf16_updates: AdamW on bf16 weights whose updates land as with fp32 master weights, where plain
+bf16 AdamW rounds small ones away; how the recipes and the planner take it."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_command
+from vlm_recipes.config import ConfigError, parse_recipe_args
+from vlm_recipes.memory import Hardware, TrainingSetup, caveat, estimate, load_model_config, model_shape
+from vlm_recipes.optim import CompensatedAdamW
+
+
+def test_bf16_weights_plus_their_compensation_follow_fp32_adamw_where_plain_bf16_does_not():
+    torch.manual_seed(0)
+    start = (torch.randn(4096) * 0.02).to(torch.bfloat16)  # weights of a transformers-initialised model
+    reference = torch.nn.Parameter(start.float())  # fp32 AdamW from the same starting point
+    compensated = torch.nn.Parameter(start.clone())
+    plain = torch.nn.Parameter(start.clone())
+    optimizers = [
+        torch.optim.AdamW([reference], lr=2e-5, weight_decay=0.01),
+        CompensatedAdamW([compensated], lr=2e-5, weight_decay=0.01),
+        torch.optim.AdamW([plain], lr=2e-5, weight_decay=0.01),
+    ]
+    for _ in range(200):
+        # a consistent direction, as a loss gives, with noise; in bf16 for all three, as a bf16 model's gradients are
+        grad = (torch.randn(4096) + 0.5).to(torch.bfloat16)
+        for weight, optimizer in zip((reference, compensated, plain), optimizers, strict=True):
+            weight.grad = grad.to(weight.dtype)
+            optimizer.step()
+    exact = reference.detach()
+    travelled = (exact - start.float()).abs().mean()
+    assert travelled > 50 * 2e-5  # the fp32 weights moved a long way: 200 steps of up to 2e-5
+    # Weight + compensation is the fp32 weight, up to what bf16 moments change in the updates (well under 1%)...
+    carried = compensated.detach().float() + optimizers[1].state[compensated]["compensation"].float()
+    assert (carried - exact).abs().mean() < 0.01 * travelled
+    assert (carried - exact).abs().max() < 0.05 * travelled
+    # ...the bf16 weight alone is that rounded to bf16, and plain bf16 AdamW lost most of the way.
+    assert torch.allclose(compensated.detach().float(), carried, rtol=2**-8, atol=0)
+    plain_travelled = (plain.detach().float() - start.float()).abs().mean()
+    assert plain_travelled < 0.5 * travelled, (plain_travelled, travelled)
+
+
+DEMO_CONFIG = REPO / "recipes" / "configs" / "llava_demo.yaml"
+
+
+def test_the_recipes_take_it_without_deepspeed_only(tmp_path):
+    base = [
+        "--model_name_or_path", "m", "--dataset_path", "d.json", "--output_dir", str(tmp_path),
+        "--compensated_bf16_updates", "true",
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="DeepSpeed makes its own"):
+        parse_recipe_args(
+            DEMO_CONFIG, [*base, "--deepspeed", str(REPO / "ds_configs" / "zero3_offload.json")]
+        )
+    *_, training_args = parse_recipe_args(DEMO_CONFIG, [*base, "--deepspeed", "none"])
+    assert training_args.compensated_bf16_updates and not training_args.deepspeed
+
+
+def test_the_recipe_trainer_builds_it_with_the_trainers_weight_decay_groups(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM, TrainingArguments
+
+    from vlm_recipes.training import RecipeTrainer
+
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1, learning_rate=3e-5, report_to=[],
+                             use_cpu=True)  # fmt: skip
+    args.compensated_bf16_updates = True
+    optimizer = RecipeTrainer(model=model, args=args).create_optimizer()
+    assert isinstance(optimizer, CompensatedAdamW)
+    decays = sorted(group["weight_decay"] for group in optimizer.param_groups)
+    assert decays == [0.0, 0.1] and all(group["lr"] == 3e-5 for group in optimizer.param_groups)
+    norms = [p for group in optimizer.param_groups if group["weight_decay"] == 0.0 for p in group["params"]]
+    assert norms and all(p.ndim == 1 for p in norms)  # norms (and biases) are not decayed
+
+
+def test_the_planner_counts_two_bytes_more_per_trained_weight_and_drops_the_rounding_caveat():
+    shape = model_shape(*load_model_config("llava-1.5-7b"))
+    plain = TrainingSetup.from_mode("full", micro_batch=4, seq_len=1024)
+    compensated = TrainingSetup.from_mode("full", micro_batch=4, seq_len=1024, compensated_updates=True)
+    hardware = Hardware(gpus_per_node=1, gpu_memory_gib=139, host_ram_gib=125)
+    before, after = (estimate("single_gpu", shape, s, hardware) for s in (plain, compensated))
+    assert after.gpu["compensation of the bf16 updates"] == pytest.approx(
+        (before.gpu["trainable weights, gradients, Adam (bf16)"]) / 4
+    )
+    assert (
+        "rounded away" in caveat("single_gpu", shape, plain)
+        and caveat("single_gpu", shape, compensated) == ""
+    )
+
+
+@pytest.mark.extended  # three short trainings on the CPU, ~1 min: `make test-extended`
+def test_update_quality_curves_compensated_bf16_on_fp32_plain_bf16_stalls(tmp_path):
+    out = run_command(
+        [sys.executable, "scripts/update_quality.py", "--steps", "120", "--out", tmp_path]
+    ).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    final, start = summary["final_loss"], summary["start_loss"]
+    fp32_drop = start - final["fp32 AdamW"]
+    assert fp32_drop > 0.1
+    assert abs(final["bf16 compensated AdamW"] - final["fp32 AdamW"]) < 0.02 * fp32_drop
+    assert start - final["bf16 AdamW"] < 0.5 * fp32_drop
+    assert (tmp_path / "curves.png").is_file()
