@@ -28,6 +28,7 @@ from pathlib import Path
 from peft import get_peft_model
 from transformers import AutoConfig
 
+from vlm_recipes.attention import PACKED_VISION_ATTENTION, use_packed_text_attention
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, media_kinds, read_records
@@ -178,6 +179,9 @@ def main():
         # --load_in_4bit: QLoRA's 4-bit language model; the vision tower, projector and output head stay 16-bit.
         **quantized_loading(model_args, training_args, PARTS.kept_in_16_bit()),
     )
+    if data_args.packing and model_args.attn_implementation == PACKED_VISION_ATTENTION:
+        # Packed rows: the language model's attention as one varlen call per layer, not sdpa with a block mask.
+        use_packed_text_attention(model)
     freeze_parts(
         model, PARTS, model_args
     )  # --freeze_vision_tower, --freeze_projector, --freeze_language_model

@@ -15,7 +15,8 @@ qwen_vl_demo.yaml (the tiny CPU demo). Any field can be overridden on the comman
 --min_pixels / --max_pixels cap each image's resolution, and so its number of tokens (one per 28x28 pixels; Qwen3-VL
 32x32): the main GPU-memory knob for these models; --video_min_pixels / --video_max_pixels cap videos. The caps are
 checked at start by measuring a probe image through the processor. --attn_implementation sdpa_varlen (the real-size configs' default) gives the windowed vision
-tower one packed attention kernel per layer (vlm_recipes/attention.py; 1.8x faster on an H100, docs/benchmarks.md).
+tower one packed attention kernel per layer (vlm_recipes/attention.py; 1.8x faster on an H100, docs/benchmarks.md),
+and with --packing true the language model's packed rows too (not yet measured on a GPU).
 Re-running the same command resumes from the last complete checkpoint in output_dir.
 
 Qwen3-VL MoE (Qwen3-VL-30B-A3B): transformers holds each layer's experts as one 3-D parameter, so ZeRO-3 gathers
@@ -32,6 +33,7 @@ from pathlib import Path
 from peft import get_peft_model
 from transformers import AutoConfig
 
+from vlm_recipes.attention import PACKED_VISION_ATTENTION, use_packed_text_attention
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, media_kinds, read_records
@@ -63,7 +65,7 @@ from dataclasses import dataclass, field
 
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vlm_recipes.attention import PACKED_VISION_ATTENTION, use_packed_vision_attention
+from vlm_recipes.attention import use_packed_vision_attention
 from vlm_recipes.masking import PROBE_SIDE, media_tokens_for
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen_vl.yaml"
@@ -258,6 +260,9 @@ def main():
         # --load_in_4bit: QLoRA's 4-bit language model; the vision tower, projector and output head stay 16-bit.
         **quantized_loading(model_args, training_args, PARTS.kept_in_16_bit()),
     )
+    if data_args.packing and model_args.attn_implementation == PACKED_VISION_ATTENTION:
+        # Packed rows: the language model's attention as one varlen call per layer, not sdpa with a block mask.
+        use_packed_text_attention(model)
     freeze_parts(
         model, PARTS, model_args
     )  # --freeze_vision_tower, --freeze_projector, --freeze_language_model

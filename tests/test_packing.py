@@ -155,3 +155,49 @@ def test_packing_is_refused_before_any_weights_where_transformers_masks_packed_r
     )  # fmt: skip
     assert "ConfigError" in outcome and "'gemma3'" in outcome and "--packing false" in outcome, outcome
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "llava"])
+def test_packed_rows_through_the_varlen_attention_match_the_padded_batch(family, tiny_model, demo_data):
+    # --packing true with sdpa_varlen: the language model's attention as one varlen call per layer, its segments
+    # read from the per-sample positions (on the CPU the same computed segment by segment with sdpa), no mask.
+    from transformers import AttentionInterface
+
+    from vlm_recipes import attention
+
+    folder = tiny_model(family)
+    processor = AutoProcessor.from_pretrained(folder)
+    image = sorted(demo_data.glob("**/*.png"))[0]
+    dataset = ConversationDataset(records(image), processor, max_length=None)
+    samples = [dataset[k] for k in range(3)]
+
+    def load():
+        return AutoModelForImageTextToText.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="sdpa"
+        ).eval()
+
+    padded_loss, padded_grads = loss_and_gradients(
+        load(), ConversationCollator(processor, guard_text_only_batches=False)(samples)
+    )
+    model = load()
+    attention.use_packed_text_attention(model)
+    calls = []
+    AttentionInterface.register(
+        attention.VARLEN_ATTENTION,
+        lambda *a, **k: calls.append(1) or attention.varlen_attention_forward(*a, **k),
+    )
+    # two rows, the second shorter: its padding is a segment of its own
+    packed = ConversationCollator(processor, guard_text_only_batches=False, packing=True)(
+        [samples[:2], samples[2:]]
+    )
+    recipe = load_recipe(REPO / "recipes" / f"{FAMILIES[family]}.py")
+    try:
+        packed_loss, packed_grads = loss_and_gradients(
+            model, model_inputs(packed, model, recipe.packed_position_ids)
+        )
+    finally:  # the registry is global: leave the real function there for the other tests
+        AttentionInterface.register(attention.VARLEN_ATTENTION, attention.varlen_attention_forward)
+    assert calls and model.config.get_text_config()._attn_implementation == attention.VARLEN_ATTENTION
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

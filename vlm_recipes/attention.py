@@ -6,7 +6,9 @@ flash-attention implementation it runs one packed call per layer. flash-attn is 
 machines lack; PyTorch (2.10+) ships the same kind of kernel as `torch.nn.attention.varlen.varlen_attn`. This
 module registers it with transformers under VARLEN_ATTENTION (the name contains "flash", which is what makes the
 model hand it the packed sequence boundaries) and switches a loaded model's vision tower to it; the language model
-keeps sdpa (the model loads with sdpa; `--attn_implementation sdpa_varlen` in the Qwen-VL recipe).
+keeps sdpa (the model loads with sdpa; `--attn_implementation sdpa_varlen` in the Qwen-VL recipe). With
+`--packing true` the language model's packed rows go through the same function (use_packed_text_attention): the
+segments are read from the per-sample position_ids, and no block-diagonal mask is built.
 
 Where the packed kernel cannot run (CPU, fp32, an older PyTorch) the function computes the same thing window by
 window with sdpa, exactly like transformers' own fallback, so a config that names it runs anywhere.
@@ -35,12 +37,19 @@ def varlen_attention_forward(
     """transformers' attention-function signature: query/key/value are (1, heads, tokens, head_dim), the
     boundaries of the packed sequences come as cu_seq_lens_q/k; returns ((1, tokens, heads, head_dim), None)."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None or attention_mask is not None or query.shape[0] != 1:
+    if cu_q is None and attention_mask is None and kwargs.get("position_ids") is not None:
+        cu_q = cu_k = boundaries_of(kwargs["position_ids"])  # a packed language-model row (--packing true)
+    if cu_q is None or attention_mask is not None:
         raise ValueError(
-            f"attn_implementation {PACKED_VISION_ATTENTION!r} is for packed vision towers (Qwen-VL); use sdpa for this model"
+            f"attn_implementation {PACKED_VISION_ATTENTION!r} is for packed vision towers (Qwen-VL) and packed rows "
+            "(--packing true); use sdpa for this model"
         )
     causal = bool(is_causal or getattr(module, "is_causal", False))
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    batch, heads, length, _ = query.shape
+    if key.shape[1] != heads:  # grouped-query attention: each key/value head serves heads // kv_heads queries
+        key, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, value))
+    # (rows x tokens, heads, head_dim): the rows one after another, each sample a segment of its own
+    q, k, v = (t.transpose(1, 2).reshape(batch * t.shape[2], heads, t.shape[3]) for t in (query, key, value))
     if packed_kernel_available(query) and dropout == 0.0:
         from torch.nn.attention.varlen import varlen_attn
 
@@ -48,7 +57,7 @@ def varlen_attention_forward(
         max_k = kwargs.get("max_length_k") or int((cu_k[1:] - cu_k[:-1]).max())
         window = (-1, 0) if causal else (-1, -1)
         out = varlen_attn(q, k, v, cu_q.int(), cu_k.int(), max_q, max_k, scale=scaling, window_size=window)
-        return out.unsqueeze(0), None
+        return out.reshape(batch, length, heads, -1), None
     # Window by window, as transformers does for sdpa.
     lengths_q, lengths_k = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
     outputs = [
@@ -58,7 +67,29 @@ def varlen_attention_forward(
         ).transpose(0, 1)
         for qs, ks, vs in zip(q.split(lengths_q), k.split(lengths_k), v.split(lengths_k), strict=True)
     ]  # fmt: skip
-    return torch.cat(outputs).unsqueeze(0), None
+    return torch.cat(outputs).reshape(batch, length, heads, -1), None
+
+
+def boundaries_of(position_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative segment lengths of packed rows, flattened one after another: a segment starts wherever the
+    positions restart at 0 (each sample, and a row's trailing padding)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+
+
+def use_packed_text_attention(model) -> None:
+    """--packing true with sdpa_varlen: the language model's attention over packed rows as one varlen call per layer,
+    the segments read from the per-sample positions, instead of sdpa with the block-diagonal mask transformers builds
+    (which on an H200 took cuDNN's masked attention, host-bound: docs/benchmarks.md, "Length mix")."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(
+        VARLEN_ATTENTION, flash_attention_mask
+    )  # no mask: the positions say it all
+    model.config.get_text_config()._attn_implementation_internal = VARLEN_ATTENTION
 
 
 def use_packed_vision_attention(model, vision_config) -> None:
