@@ -101,8 +101,13 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         figure, axis = plt.subplots(figsize=(7, 4))
-        for variant, losses in curves.items():
-            axis.plot(losses, label=variant, linewidth=1)
+        styles = {"fp32 AdamW": dict(linewidth=3, alpha=0.45), "bf16 AdamW": dict(linewidth=1),
+                  "bf16 compensated AdamW": dict(linewidth=1, linestyle="--")}  # fmt: skip
+        for (
+            variant,
+            losses,
+        ) in curves.items():  # the fp32 line is wide so the compensated one shows on top of it
+            axis.plot(losses, label=variant, **styles[variant])
         axis.set_xlabel("optimizer step")
         axis.set_ylabel("training loss")
         axis.set_title(f"update precision at lr {args.lr:g} (scripts/update_quality.py)")
