@@ -67,7 +67,7 @@ def test_a_recipe_imports_no_planner_known_models_or_profiler(recipe):
 
 
 @pytest.mark.parametrize("recipe", sorted(MULTI_STAGE))
-def test_each_demo_config_of_a_multi_stage_recipe_is_trained_by_its_own_test(recipe):
+def test_each_demo_config_of_a_multi_stage_recipe_is_named_in_its_own_tests(recipe):
     stage_tests = (REPO / "tests" / f"test_{recipe}_recipe.py").read_text()
     untested = [config.name for config in demo_configs(recipe) if config.name not in stage_tests]
     assert demo_configs(recipe) and untested == [], untested

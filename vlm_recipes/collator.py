@@ -10,19 +10,19 @@ from vlm_recipes.masking import IGNORE_INDEX, PER_TOKEN_KEYS, add_special_tokens
 from vlm_recipes.packing import REAL_TOKENS, sample_positions
 
 
-def blank_media(kind: str) -> dict:
-    """The processor arguments for one blank image, or one blank two-frame video (a list of frames)."""
+def blank_media(kind: str, frames: int = 2) -> dict:
+    """The processor arguments for one blank image, or one blank video of `frames` frames (a list of frames)."""
     frame = Image.new("RGB", (64, 64))
-    return {"images": [frame]} if kind == "image" else {"videos": [[frame, frame]]}
+    return {"images": [frame]} if kind == "image" else {"videos": [[frame] * frames]}
 
 
-def blank_row(processor, kind: str) -> dict[str, torch.Tensor]:
+def blank_row(processor, kind: str, frames: int = 2) -> dict[str, torch.Tensor]:
     """One unlabelled sample holding a single blank image or video, built with the model's own template and
     processor."""
     text = render(processor, [{"role": "user", "content": [{"type": kind}]}])
     encoded = processor(
         text=[text],
-        **blank_media(kind),
+        **blank_media(kind, frames),
         add_special_tokens=add_special_tokens_for(processor, text),
         return_tensors="pt",
     )

@@ -80,8 +80,4 @@ def model_inputs(batch: dict, model, packed_position_ids=None) -> dict:
 
 def sample_positions(lengths: list[int]) -> torch.Tensor:
     """Each sample's positions 0..n-1, one after another."""
-    return (
-        torch.cat([torch.arange(length) for length in lengths])
-        if lengths
-        else torch.zeros(0, dtype=torch.long)
-    )
+    return torch.cat([torch.arange(length) for length in lengths])

@@ -390,22 +390,13 @@ def frames_are_a_dimension(processor) -> bool:
     """Whether the processor keeps a video's frames as a tensor dimension (LLaVA-OneVision: videos x frames x pixels),
     so that videos of different lengths cannot share a batch (zero frames added to fit would be read as frames), rather
     than as a flat run of patches with a per-video grid (Qwen-VL). Probed with blank videos of 2 and 3 frames."""
-    from PIL import Image
+    from vlm_recipes.collator import blank_row, media_keys
 
-    from vlm_recipes.masking import PER_TOKEN_KEYS, add_special_tokens_for, render
-
-    frame = Image.new("RGB", (64, 64))
-    text = render(processor, [{"role": "user", "content": [{"type": "video"}]}])
-    shapes = []
     try:
-        for frames in (2, 3):
-            encoded = processor(
-                text=[text], videos=[[frame] * frames], return_tensors="pt",
-                add_special_tokens=add_special_tokens_for(processor, text),
-            )  # fmt: skip
-            shapes.append({k: tuple(v.shape[1:]) for k, v in encoded.items() if k not in PER_TOKEN_KEYS})
+        rows = [blank_row(processor, "video", frames) for frames in (2, 3)]
     except Exception:  # a processor without videos: nothing to keep apart
         return False
+    shapes = [{key: tuple(row[key].shape[1:]) for key in media_keys(row)} for row in rows]
     return shapes[0] != shapes[1]
 
 
