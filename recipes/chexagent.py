@@ -46,6 +46,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from vlm_recipes.attention import PACKED_VISION_ATTENTION, loadable_attention, use_packed_text_attention
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, media_kinds, read_records
@@ -236,7 +237,7 @@ def assemble_model(
     dtype = training_dtype(training_args)
     # Built from the config after TrainingArguments exist: under ZeRO-3, zero.Init partitions it as it is created.
     model = AutoModelForImageTextToText.from_config(
-        config, dtype=dtype, attn_implementation=model_args.attn_implementation
+        config, dtype=dtype, attn_implementation=loadable_attention(model_args.attn_implementation)
     )
     # The parts are loaded one at a time (partitioned too) and copied in, then dropped.
     vision = SiglipVisionModel.from_pretrained(vision_path, config=config.vision_config, dtype=dtype)
@@ -352,11 +353,14 @@ def main():
         model = LlavaForConditionalGeneration.from_pretrained(  # MODEL-SPECIFIC: the model class
             model_args.model_name_or_path,
             dtype=training_dtype(training_args),
-            attn_implementation=model_args.attn_implementation,
+            attn_implementation=loadable_attention(model_args.attn_implementation),
             trust_remote_code=model_args.trust_remote_code,
             # --load_in_4bit: QLoRA's 4-bit language model; the vision tower, projector and output head stay 16-bit.
             **quantized_loading(model_args, training_args, PARTS.kept_in_16_bit()),
         )
+    if data_args.packing and model_args.attn_implementation == PACKED_VISION_ATTENTION:
+        # Packed rows: the language model's attention as one varlen call per layer, not sdpa with a block mask.
+        use_packed_text_attention(model)
     freeze_parts(
         model, PARTS, model_args
     )  # --freeze_vision_tower, --freeze_projector, --freeze_language_model

@@ -30,7 +30,7 @@ from pathlib import Path
 from peft import get_peft_model
 from transformers import AutoConfig
 
-from vlm_recipes.attention import PACKED_VISION_ATTENTION, use_packed_text_attention
+from vlm_recipes.attention import PACKED_VISION_ATTENTION, loadable_attention, use_packed_text_attention
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, media_kinds, read_records
@@ -177,7 +177,7 @@ def main():
     model = load_model(
         model_args,
         dtype=training_dtype(training_args),
-        attn_implementation=model_args.attn_implementation,
+        attn_implementation=loadable_attention(model_args.attn_implementation),  # sdpa_varlen loads as sdpa
         trust_remote_code=model_args.trust_remote_code,
         # --load_in_4bit: QLoRA's 4-bit language model; the vision tower, projector and output head stay 16-bit.
         **quantized_loading(model_args, training_args, PARTS.kept_in_16_bit()),

@@ -33,7 +33,7 @@ from pathlib import Path
 from peft import get_peft_model
 from transformers import AutoConfig
 
-from vlm_recipes.attention import PACKED_VISION_ATTENTION, use_packed_text_attention
+from vlm_recipes.attention import PACKED_VISION_ATTENTION, loadable_attention, use_packed_text_attention
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError, parse_recipe_args
 from vlm_recipes.data import ConversationDataset, media_kinds, read_records
@@ -165,11 +165,8 @@ def packed_position_ids(model, batch):
 def load_model(model_args, **loading):
     """The model, with the shared loading arguments (dtype, attention, QLoRA's quantization). sdpa_varlen gives the
     vision tower one attention kernel per layer instead of one per 8x8-patch window (see attention.py)."""
-    packed_vision = loading["attn_implementation"] == PACKED_VISION_ATTENTION
-    if packed_vision:
-        loading["attn_implementation"] = "sdpa"
     model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **loading)
-    if packed_vision:
+    if model_args.attn_implementation == PACKED_VISION_ATTENTION:
         use_packed_vision_attention(model, model.config.vision_config)
     return model
 
@@ -255,7 +252,7 @@ def main():
     model = load_model(
         model_args,
         dtype=training_dtype(training_args),
-        attn_implementation=model_args.attn_implementation,
+        attn_implementation=loadable_attention(model_args.attn_implementation),  # sdpa_varlen loads as sdpa
         trust_remote_code=model_args.trust_remote_code,
         # --load_in_4bit: QLoRA's 4-bit language model; the vision tower, projector and output head stay 16-bit.
         **quantized_loading(model_args, training_args, PARTS.kept_in_16_bit()),

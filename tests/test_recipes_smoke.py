@@ -93,6 +93,8 @@ def test_each_recipe_trains_its_demo_config_under_the_shared_zero3_offload_confi
         "--max_steps", "12", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
         "--learning_rate", "2e-3", "--logging_steps", "4", "--save_strategy", "steps", "--save_steps", "12",
         "--packing", str(packing).lower(),
+        # packed: the language model's rows through the varlen attention (on a CPU its window-by-window fallback)
+        *(["--attn_implementation", "sdpa_varlen"] if packing else []),
     ]  # fmt: skip
     launched = launch_recipe(f"{recipe}.py", args)
     losses = logged_losses(output_dir)

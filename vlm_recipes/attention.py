@@ -6,9 +6,10 @@ flash-attention implementation it runs one packed call per layer. flash-attn is 
 machines lack; PyTorch (2.10+) ships the same kind of kernel as `torch.nn.attention.varlen.varlen_attn`. This
 module registers it with transformers under VARLEN_ATTENTION (the name contains "flash", which is what makes the
 model hand it the packed sequence boundaries) and switches a loaded model's vision tower to it; the language model
-keeps sdpa (the model loads with sdpa; `--attn_implementation sdpa_varlen` in the Qwen-VL recipe). With
-`--packing true` the language model's packed rows go through the same function (use_packed_text_attention): the
-segments are read from the per-sample position_ids, and no block-diagonal mask is built.
+keeps sdpa (the model loads with sdpa, loadable_attention; `--attn_implementation sdpa_varlen` in the Qwen-VL
+recipe). With `--packing true` the language model's packed rows go through the same function in every recipe
+(use_packed_text_attention): the segments are read from the per-sample position_ids, and no block-diagonal mask is
+built.
 
 Where the packed kernel cannot run (CPU, fp32, an older PyTorch) the function computes the same thing window by
 window with sdpa, exactly like transformers' own fallback, so a config that names it runs anywhere.
@@ -19,6 +20,12 @@ from torch.nn import functional as F  # noqa: N812
 
 VARLEN_ATTENTION = "flash_varlen_torch"  # registered name; "flash" routes the packed boundaries to it
 PACKED_VISION_ATTENTION = "sdpa_varlen"  # what users write in a YAML / on the command line
+
+
+def loadable_attention(attn_implementation: str) -> str:
+    """The implementation to load a model with: sdpa_varlen is not one transformers knows (it rejects the name at
+    load time), so the model loads with sdpa and the recipe switches the packed parts to the varlen kernel after."""
+    return "sdpa" if attn_implementation == PACKED_VISION_ATTENTION else attn_implementation
 
 
 def packed_kernel_available(query: torch.Tensor) -> bool:

@@ -76,8 +76,8 @@ class ModelArguments:
     attn_implementation: str = field(
         default="sdpa",
         metadata={
-            "help": "eager, sdpa or flash_attention_2; Qwen-VL also sdpa_varlen (PyTorch's packed attention "
-            "kernel for the windowed vision tower, sdpa for the language model)."
+            "help": "eager, sdpa or flash_attention_2, or sdpa_varlen: PyTorch's varlen attention kernel for "
+            "packed rows (--packing true, every recipe) and Qwen-VL's windowed vision tower, sdpa elsewhere."
         },
     )
     trust_remote_code: bool = field(
