@@ -107,3 +107,35 @@ def test_update_quality_curves_compensated_bf16_on_fp32_plain_bf16_stalls(tmp_pa
     assert abs(final["bf16 compensated AdamW"] - final["fp32 AdamW"]) < 0.02 * fp32_drop
     assert start - final["bf16 AdamW"] < 0.5 * fp32_drop
     assert (tmp_path / "curves.png").is_file()
+
+
+def test_the_fused_step_equals_the_op_by_op_one_and_compiles_once_for_every_shape_and_step():
+    # What runs on a GPU (one compiled kernel per tensor), compiled here for the CPU: the same weights, moments and
+    # compensations as the op-by-op step, tensors of several shapes and a learning rate that changes every step.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    shapes = [(64, 48), (48,), (7, 5, 3), (1000,)]
+    starts = [(torch.randn(shape) * 0.02).to(torch.bfloat16) for shape in shapes]
+    fused = [torch.nn.Parameter(start.clone()) for start in starts]
+    eager = [torch.nn.Parameter(start.clone()) for start in starts]
+    optimizers = [CompensatedAdamW(weights, lr=2e-5, weight_decay=0.01, fused=flag)
+                  for weights, flag in ((fused, True), (eager, False))]  # fmt: skip
+    for step in range(6):
+        grads = [torch.randn(shape).to(torch.bfloat16) for shape in shapes]
+        for weights, optimizer in zip((fused, eager), optimizers, strict=True):
+            for weight, grad in zip(weights, grads, strict=True):
+                weight.grad = grad.clone()
+            for group in optimizer.param_groups:
+                group["lr"] = 2e-5 * (1 + step)  # as a warm-up schedule changes it
+            optimizer.step()
+    for a, b in zip(fused, eager, strict=True):
+        state_a, state_b = optimizers[0].state[a], optimizers[1].state[b]
+        carried_a = a.detach().float() + state_a["compensation"].float()
+        carried_b = b.detach().float() + state_b["compensation"].float()
+        # the same fp32 arithmetic; a compiler may fuse a multiply-add, so the last fp32 bit may differ
+        torch.testing.assert_close(carried_a, carried_b, rtol=1e-6, atol=1e-9)
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state_a[name], state_b[name], rtol=2**-7, atol=0)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # not one per shape or per step (at most one more when dynamic shapes set in)
+    assert 1 <= frames <= 2, frames
