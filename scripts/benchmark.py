@@ -572,6 +572,7 @@ def planner_estimate_gib(row: dict) -> tuple[float, float] | None:
         row["mode"], train_vision_tower=row["mode"] == "full", micro_batch=row["micro_batch"],
         seq_len=row["seq_len"], gradient_checkpointing=row["gradient_checkpointing"],
         image_tokens=image_tokens_for(name_and_config[1].vision_config, row["image_size"]), dataloader_workers=0,
+        compensated_updates="--compensated_bf16_updates true" in row.get("recipe_args", ""),
     )  # fmt: skip
     hardware = Hardware(gpus_per_node=row["num_processes"])
     planned = estimate(name, shape, setup, hardware, ds_config=row.get("resolved_ds_config"))

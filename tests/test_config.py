@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import REPO
 from vlm_recipes.config import ConfigError, auto_precision, parse_recipe_args, resolve_deepspeed
-from vlm_recipes.ds_config import arch_list_deepspeed_can_parse, secret_keys
+from vlm_recipes.ds_config import arch_list_deepspeed_can_parse, fp16_problem, secret_keys
 from vlm_recipes.training import CHECKPOINT_COMPLETE, prepare_output_dir, training_dtype
 
 
@@ -126,6 +126,16 @@ def test_credentials_in_a_deepspeed_config_are_found_by_key_name():
     assert secret_keys(nested) == ["a.hub_token", "a.b.db_password", "a.b.client_secret"]
     # Through a recipe, listed with the config's other problems:
     # test_config_suite.py::test_every_problem_of_a_deepspeed_config_is_listed_before_loading_weights.
+
+
+def test_fp16_is_refused_only_for_the_config_whose_fp16_runs_never_trained():
+    shipped = {path.stem: json.loads(path.read_text()) for path in (REPO / "ds_configs").glob("*.json")}
+    refused = {name for name, config in shipped.items() if fp16_problem(config)}
+    assert refused == {"zero2_offload_gpu_accum"}  # every step overflowed in fp16 on an H200; bf16 trains
+    assert "zero2_offload.json" in fp16_problem(shipped["zero2_offload_gpu_accum"])  # the fix is named
+    # the buffer without optimizer offload is not what failed
+    on_gpu = {**shipped["zero2_offload_gpu_accum"], "zero_optimization": {"stage": 2}}
+    assert fp16_problem(on_gpu) is None
 
 
 @pytest.mark.parametrize(

@@ -29,13 +29,14 @@ from tests.conftest import (
     free_port,
     launch_recipe,
     logged_losses,
+    recipe_command,
     reload_complete,
     requires_processes,
     run_command,
     run_here,
     with_precision,
 )
-from vlm_recipes.ds_config import auto_keys, get_dotted
+from vlm_recipes.ds_config import auto_keys, fp16_problem, get_dotted
 from vlm_recipes.memory import DEEPSPEED_CONFIGS  # every shipped DeepSpeed JSON, the planner's list
 from vlm_recipes.run_stats import read_run_stats
 
@@ -109,6 +110,14 @@ def test_deepspeed_config_trains_and_show_ds_config_matches_the_run(
     else:
         output_dir = tmp_path / config
         args = demo_args(tiny_llava, demo_data, output_dir, "--save_strategy", "steps", "--save_steps", STEPS)
+        shipped = json.loads((REPO / "ds_configs" / f"{config}.json").read_text())
+        if PRECISION == "fp16" and fp16_problem(shipped):
+            # refused before anything loads: in fp16 every step of this config overflowed on an H200
+            refused = run_command(recipe_command("llava.py", args, accelerate_config=REPO / "accelerate_configs"
+                                                 / f"{config}.yaml"), check=False)  # fmt: skip
+            assert refused.returncode != 0 and "does not train on DeepSpeed" in refused.stderr, refused.stderr
+            assert not (output_dir / "ds_config_resolved.json").exists()
+            return
         launch_with(config, args)
         assert sorted(logged_losses(output_dir)) == list(range(1, STEPS + 1))
         checkpoint = f"checkpoint-{STEPS}"

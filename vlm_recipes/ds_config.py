@@ -191,6 +191,8 @@ def check_deepspeed_config(training_args, model_name_or_path: str, trust_remote_
             f"--lr_scheduler_type {scheduler}. Delete the block: the Trainer then builds the scheduler your "
             "arguments name, and DeepSpeed steps it."
         )
+    if training_args.fp16 and (problem := fp16_problem(config)):
+        problems.append(problem)
     model_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     try:
         resolve_ds_config(
@@ -203,6 +205,25 @@ def check_deepspeed_config(training_args, model_name_or_path: str, trust_remote_
         )
     if problems:
         raise ConfigError(f"{path}:\n" + "\n".join(f"- {problem}" for problem in problems))
+
+
+def fp16_problem(config: dict) -> str | None:
+    """What is known to break in fp16 for this config, or None. An fp32 gradient-accumulation buffer
+    (data_types.grad_accum_dtype) under ZeRO-2 with the optimizer offloaded never trained in fp16 on DeepSpeed 0.19.8:
+    on one H200 every one of the tiny LLaVA's 12 steps overflowed (grad_norm inf), where zero2_offload.json, the same
+    config without the buffer, skipped its first 3 as the loss scale came down and then trained (make test-gpu)."""
+    zero = config.get("zero_optimization", {})
+    if (
+        config.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+        and zero.get("stage") == 2
+        and offloads(config)["optimizer"]
+    ):
+        return (
+            "with --fp16 true its fp32 gradient accumulation (data_types.grad_accum_dtype) under ZeRO-2 optimizer "
+            "offload does not train on DeepSpeed 0.19.8: every step overflowed and was skipped (on one H200). "
+            "Use --bf16 true, or ds_configs/zero2_offload.json (accelerate_configs/zero2_offload.yaml) for fp16."
+        )
+    return None
 
 
 def offloads(ds_config: dict) -> dict[str, bool]:
