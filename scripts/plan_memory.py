@@ -60,6 +60,7 @@ def defaults_from_recipe_yaml(path: Path) -> dict:
         "seq_len": values.get("max_length"),
         "dataloader_workers": values.get("dataloader_num_workers"),
         "compensated_bf16_updates": values.get("compensated_bf16_updates") or None,
+        "fp16": values.get("fp16") or None,
     }
     if values.get("use_lora"):
         defaults["mode"] = "lora"
@@ -108,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compensated_bf16_updates", action="store_true",
                         help="single_gpu / multi_gpu with the recipes' --compensated_bf16_updates true: updates as "
                         "precise as fp32 master weights, 2 bytes more per trained parameter")  # fmt: skip
+    parser.add_argument("--fp16", action="store_true",
+                        help="the run trains in fp16 (--fp16 true): configs the recipes refuse in fp16 are not picked")  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="a CPU-only run: the 'GPU' memory is host memory")
     parser.add_argument("--breakdown", action="store_true", help="list what each estimate is made of")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -228,6 +231,7 @@ def setup_from(args, config) -> tuple[TrainingSetup, str]:
         gradient_checkpointing=not args.no_gradient_checkpointing,
         dataloader_workers=args.dataloader_workers,
         compensated_updates=args.compensated_bf16_updates,
+        fp16=args.fp16,
     )
     return setup, image_tokens_from
 

@@ -501,3 +501,17 @@ def test_the_planner_takes_gemma_3s_pooled_image_tokens_from_its_config():
 
     shape = memory.model_shape("gemma-3", Gemma3Config())
     assert shape.default_image_tokens == 256
+
+
+def test_a_config_the_recipes_refuse_in_fp16_is_not_picked_for_an_fp16_run():
+    # Qwen2.5-VL-3B full at 4 x 4096 with fp32 masters on an 80 GB GPU: zero2_offload_gpu_accum is the fastest that
+    # fits, but in fp16 it never trained (make test-gpu on an H200) and the recipes refuse it there.
+    shape, machine = shape_of("qwen2.5-vl-3b"), Hardware(gpus_per_node=1, gpu_memory_gib=80, host_ram_gib=128)
+    picks = {}
+    for fp16 in (False, True):
+        setup = TrainingSetup.from_mode("full", micro_batch=4, seq_len=4096, fp16=fp16)
+        choice = recommend(estimate_all(shape, setup, machine), machine, fp32_master_weights=True)
+        picks[fp16] = choice.config
+        if fp16:
+            assert choice.fits["zero2_offload_gpu_accum"] == "refused in fp16", choice.fits
+    assert picks == {False: "zero2_offload_gpu_accum", True: "zero2_offload"}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_recipes.ds_config import offloads
+from vlm_recipes.ds_config import fp16_problem, offloads
 from vlm_recipes.host_memory import meminfo_available_bytes
 
 GIB = 1024**3
@@ -333,6 +333,8 @@ class TrainingSetup:
     records_table_bytes: int = 0  # their memory-mapped Arrow file(s): one copy in the page cache per node
     # --compensated_bf16_updates: without DeepSpeed, a bf16 compensation per weight trained in full (optim.py)
     compensated_updates: bool = False
+    # --fp16 true: a config the recipes refuse in fp16 (ds_config.fp16_problem) is never picked
+    fp16: bool = False
 
     @classmethod
     def from_mode(
@@ -554,6 +556,7 @@ class ConfigEstimate:
     gpu: dict  # bytes per GPU, by what holds them
     host: dict  # bytes of host RAM per node, by what holds them
     note: str = ""  # what else to know before choosing it
+    refused: str | None = None  # why the recipes would refuse this config for the run, whatever the memory
 
     @property
     def gpu_bytes(self) -> float:
@@ -692,6 +695,9 @@ def estimate(
     """`ds_config`: a DeepSpeed JSON of one's own (resolved or with "auto"), estimated instead of the shipped file
     `config_name`."""
     gpu, host = model_states(config_name, shape, setup, hardware, ds_config)
+    refused = None
+    if setup.fp16 and config_name in DEEPSPEED_CONFIGS:
+        refused = fp16_problem(ds_config if ds_config is not None else read_ds_config(config_name))
     gpu.update(activation_bytes(shape, setup))
     processes = hardware.gpus_per_node
     host[LIBRARIES] = processes * hardware.process_baseline_bytes
@@ -710,7 +716,7 @@ def estimate(
     else:
         gpu["allocator slack"] = sum(gpu.values()) * (ALLOCATOR_SLACK - 1)
         gpu["CUDA context"] = CUDA_CONTEXT_GIB * GIB
-    return ConfigEstimate(config_name, gpu, host, caveat(config_name, shape, setup))
+    return ConfigEstimate(config_name, gpu, host, caveat(config_name, shape, setup), refused)
 
 
 def caveat(config_name: str, shape: ModelShape, setup: TrainingSetup) -> str:
@@ -769,7 +775,7 @@ def recommend(
 ) -> Recommendation:
     """The fastest config whose GPU and host estimates both stay under (1 - margin) of what the machine has
     (with `fp32_master_weights`, only among configs that keep an fp32 copy of what trains in full)."""
-    fits = {e.config: what_exceeds(e, hardware, margin) for e in estimates}
+    fits = {e.config: e.refused and "refused in fp16" or what_exceeds(e, hardware, margin) for e in estimates}
     if fp32_master_weights:
         fits |= {e.config: "no fp32 master weights" for e in estimates if e.note and fits[e.config] is None}
     skipped = [f"{name} ({problem})" for name, problem in fits.items() if problem]
@@ -814,6 +820,7 @@ def setup_from_arguments(
         gradient_checkpointing=training_args.gradient_checkpointing,
         dataloader_workers=training_args.dataloader_num_workers,
         compensated_updates=getattr(training_args, "compensated_bf16_updates", False),
+        fp16=bool(getattr(training_args, "fp16", False)),
     )
 
 
