@@ -64,8 +64,8 @@ test: $(INSTALLED)  ## the test suite, real 2-process ZeRO-3 runs included (11-1
 test-extended: $(INSTALLED)  ## the cases left out of `make test`: benchmark-sized checks, other ZeRO variants and model families of its runs
 	$(PYTHON) -m pytest -m extended
 
-test-gpu: $(INSTALLED)  ## on CUDA: the tiny end-to-end tests in bf16 then fp16, one process per GPU; results in runs/test-gpu/ [ARGS="-k llava"]
-	PYTHON=$(PYTHON) NUM_PROCESSES=$(NUM_PROCESSES) bash scripts/test_gpu.sh $(ARGS)
+test-gpu: $(INSTALLED)  ## on CUDA: the tiny end-to-end tests in bf16 then fp16, one process per GPU; results in runs/test-gpu/ [ARGS="-k llava"] [WORKERS=7]
+	PYTHON=$(PYTHON) NUM_PROCESSES=$(NUM_PROCESSES) WORKERS=$(WORKERS) bash scripts/test_gpu.sh $(ARGS)
 
 multi-gpu: $(INSTALLED)  ## on 2+ GPUs: PART=tests (multi-process tests over NCCL) or PART=benchmark (zero3_offload on 1 vs N GPUs) [ARGS=...]
 	PYTHON=$(PYTHON) bash scripts/validate_multi_gpu.sh $(PART) $(ARGS)
