@@ -6,7 +6,8 @@
 #   bash scripts/test_gpu.sh [pytest arguments]    (PYTHON, NUM_PROCESSES, PRECISIONS, TEST_GPU_DIR, WORKERS may be set)
 #   make test-gpu PYTHON=python3 ARGS="-k llava"   # the same through make, in an environment of your own
 #   WORKERS=7 make test-gpu                        # 7 tests at a time (pytest-xdist): ~4 minutes a precision on one
-#                                                  # H200 instead of ~20; each tiny launch uses little of the GPU
+#                                                  # H200 instead of ~12 (the tests' own times added up); each tiny
+#                                                  # launch uses little of the GPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
