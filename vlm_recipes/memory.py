@@ -556,7 +556,7 @@ class ConfigEstimate:
     gpu: dict  # bytes per GPU, by what holds them
     host: dict  # bytes of host RAM per node, by what holds them
     note: str = ""  # what else to know before choosing it
-    refused: str | None = None  # why the recipes would refuse this config for the run, whatever the memory
+    refused: str | None = None  # why the recipes refuse this config for the run, whatever the memory
 
     @property
     def gpu_bytes(self) -> float:
@@ -697,7 +697,8 @@ def estimate(
     gpu, host = model_states(config_name, shape, setup, hardware, ds_config)
     refused = None
     if setup.fp16 and config_name in DEEPSPEED_CONFIGS:
-        refused = fp16_problem(ds_config if ds_config is not None else read_ds_config(config_name))
+        if fp16_problem(ds_config if ds_config is not None else read_ds_config(config_name)):
+            refused = "refused in fp16"
     gpu.update(activation_bytes(shape, setup))
     processes = hardware.gpus_per_node
     host[LIBRARIES] = processes * hardware.process_baseline_bytes
@@ -775,7 +776,7 @@ def recommend(
 ) -> Recommendation:
     """The fastest config whose GPU and host estimates both stay under (1 - margin) of what the machine has
     (with `fp32_master_weights`, only among configs that keep an fp32 copy of what trains in full)."""
-    fits = {e.config: e.refused and "refused in fp16" or what_exceeds(e, hardware, margin) for e in estimates}
+    fits = {e.config: e.refused or what_exceeds(e, hardware, margin) for e in estimates}
     if fp32_master_weights:
         fits |= {e.config: "no fp32 master weights" for e in estimates if e.note and fits[e.config] is None}
     skipped = [f"{name} ({problem})" for name, problem in fits.items() if problem]
