@@ -139,3 +139,13 @@ def test_the_fused_step_equals_the_op_by_op_one_and_compiles_once_for_every_shap
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     # not one per shape or per step (at most one more when dynamic shapes set in)
     assert 1 <= frames <= 2, frames
+
+
+def test_the_device_check_of_the_optimizer_step_runs_on_a_cpu_and_finds_the_fused_step_equal():
+    # scripts/device/optimizer_step_check.py times the optimizers on a GPU at real size; here, the tiny shapes
+    result = run_command([sys.executable, REPO / "scripts" / "device" / "optimizer_step_check.py", "--tiny"])
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert rows[0]["fused_vs_op_by_op_max_relative"] <= 1e-5, rows[0]
+    timed = {row["optimizer"]: row for row in rows[1:]}
+    assert set(timed) == {"torch AdamW, bf16 moments", "CompensatedAdamW, op by op", "CompensatedAdamW, fused"}
+    assert all(row["ms_per_step"] > 0 and row["trained_weights"] > 1e6 for row in timed.values()), timed
