@@ -147,5 +147,9 @@ def test_the_device_check_of_the_optimizer_step_runs_on_a_cpu_and_finds_the_fuse
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert rows[0]["fused_vs_op_by_op_max_relative"] <= 1e-5, rows[0]
     timed = {row["optimizer"]: row for row in rows[1:]}
-    assert set(timed) == {"torch AdamW, bf16 moments", "CompensatedAdamW, op by op", "CompensatedAdamW, fused"}
+    assert set(timed) == {
+        "torch AdamW, bf16 moments",
+        "CompensatedAdamW, op by op",
+        "CompensatedAdamW, fused",
+    }
     assert all(row["ms_per_step"] > 0 and row["trained_weights"] > 1e6 for row in timed.values()), timed
