@@ -21,9 +21,8 @@ fi
 NUM_PROCESSES=${NUM_PROCESSES:-$gpus}
 "$PYTHON" - <<'EOF' || exit 2
 import importlib.util
-import sys
-
 import os
+import sys
 
 needed = ("torch", "transformers", "accelerate", "deepspeed", "peft", "tensorboard", "pytest", "psutil")
 needed += ("xdist",) if os.environ.get("WORKERS") else ()

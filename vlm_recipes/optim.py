@@ -17,11 +17,7 @@ Without DeepSpeed only: DeepSpeed makes its own optimizer (and keeps fp32 master
 the compensation (TrainingSetup.compensated_updates). scripts/update_quality.py compares the loss curves.
 """
 
-import logging
-
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 def compensated_adamw_update(weight, grad, exp_avg, exp_avg_sq, compensation, scalars):
