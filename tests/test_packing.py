@@ -201,3 +201,18 @@ def test_packed_rows_through_the_varlen_attention_match_the_padded_batch(family,
     assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_segments_are_read_once_per_batch_and_again_for_a_new_or_changed_one():
+    # Every layer gets the same position_ids tensor: the segments are read once (two host-device syncs), not per
+    # layer; a new batch's tensor, or the same one changed in place, is read again.
+    from vlm_recipes.attention import packed_segments
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    first = packed_segments(positions)
+    assert first[0].tolist() == [0, 3, 5, 6] and first[1] == 3
+    assert packed_segments(positions) is first
+    again = torch.tensor([[0, 1, 0, 1, 2, 3]])
+    assert packed_segments(again)[0].tolist() == [0, 2, 6] and packed_segments(again)[1] == 4
+    again[0, 2:] = torch.tensor([2, 3, 4, 5])
+    assert packed_segments(again)[0].tolist() == [0, 6] and packed_segments(again)[1] == 6

@@ -15,6 +15,8 @@ Where the packed kernel cannot run (CPU, fp32, an older PyTorch) the function co
 window with sdpa, exactly like transformers' own fallback, so a config that names it runs anywhere.
 """
 
+import weakref
+
 import torch
 from torch.nn import functional as F  # noqa: N812
 
@@ -45,7 +47,9 @@ def varlen_attention_forward(
     boundaries of the packed sequences come as cu_seq_lens_q/k; returns ((1, tokens, heads, head_dim), None)."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None and attention_mask is None and kwargs.get("position_ids") is not None:
-        cu_q = cu_k = boundaries_of(kwargs["position_ids"])  # a packed language-model row (--packing true)
+        # a packed language-model row (--packing true)
+        cu_q, longest = packed_segments(kwargs["position_ids"])
+        cu_k, kwargs["max_length_q"], kwargs["max_length_k"] = cu_q, longest, longest
     if cu_q is None or attention_mask is not None:
         raise ValueError(
             f"attn_implementation {PACKED_VISION_ATTENTION!r} is for packed vision towers (Qwen-VL) and packed rows "
@@ -83,6 +87,25 @@ def boundaries_of(position_ids: torch.Tensor) -> torch.Tensor:
     flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0).flatten()
     return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+
+
+_LAST_SEGMENTS = {}  # the last position_ids read (a weak reference), its version, and its (boundaries, longest)
+
+
+def packed_segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """boundaries_of(position_ids) and the longest segment, read once per batch: every layer of a forward (and of its
+    recompute under checkpointing) is handed the same position_ids tensor, and reading them costs two host-device
+    syncs, which per layer left the GPU idle between kernels. The weak reference makes a new batch's tensor a miss
+    even where it reuses a freed one's memory; the version, one changed in place."""
+    last = _LAST_SEGMENTS.get("positions")
+    if last is not None and last() is position_ids and _LAST_SEGMENTS["version"] == position_ids._version:
+        return _LAST_SEGMENTS["segments"]
+    boundaries = boundaries_of(position_ids)
+    segments = boundaries, int((boundaries[1:] - boundaries[:-1]).max())
+    _LAST_SEGMENTS.update(
+        positions=weakref.ref(position_ids), version=position_ids._version, segments=segments
+    )
+    return segments
 
 
 def use_packed_text_attention(model) -> None:
