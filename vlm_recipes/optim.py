@@ -10,8 +10,9 @@ AdamW keeps them); every step's arithmetic is fp32.
 
 On a GPU each tensor's step is one fused kernel (the update function compiled once by torch.compile, shapes
 dynamic): it reads the weight, gradient, moments and compensation once and writes them once, about 18 bytes per
-bf16 weight, where the same arithmetic run op by op makes ~15 passes through fp32 temporaries (on one H200 that took
-LLaVA-1.5-7B's optimizer step to ~0.5 s). Elsewhere, and for fp32 weights, it runs op by op (`fused=False`).
+bf16 weight, where the same arithmetic run op by op makes ~15 passes through fp32 temporaries (on one H200:
+LLaVA-1.5-7B's step in 116 ms fused against 610 op by op and 37 for torch's fused AdamW,
+scripts/device/optimizer_step_check.py). Elsewhere, and for fp32 weights, it runs op by op (`fused=False`).
 
 Without DeepSpeed only: DeepSpeed makes its own optimizer (and keeps fp32 masters itself). The memory planner counts
 the compensation (TrainingSetup.compensated_updates). scripts/update_quality.py compares the loss curves.
