@@ -387,11 +387,6 @@ def parse_recipe_args(default_config: Path, argv: list[str] | None = None, extra
             "the flag"
         )
     move_secrets_to_environment(training_args)
-    if training_args.torch_compile:
-        # Compile each repeated block (decoder layer, vision block) once and reuse it, instead of the whole model:
-        # accelerate reads this when the Trainer builds its Accelerator. Measured on one H100 (docs/benchmarks.md,
-        # Qwen2.5-VL-3B, 8 x 512 tokens, no checkpointing): 7,948 -> 11,347 tokens/s after ~4 min of compiling.
-        os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
     return parsed
 
 
