@@ -69,16 +69,22 @@ def varlen_attention_forward(
         window = (-1, 0) if causal else (-1, -1)
         out = varlen_attn(q, k, v, cu_q.int(), cu_k.int(), max_q, max_k, scale=scaling, window_size=window)
         return out.reshape(batch, length, heads, -1), None
-    # Window by window, as transformers does for sdpa.
+    out = attention_segment_by_segment(q, k, v, cu_q, cu_k, scaling, causal, dropout)
+    return out.reshape(batch, length, heads, -1), None
+
+
+def attention_segment_by_segment(q, k, v, cu_q, cu_k, scale=None, causal=False, dropout=0.0) -> torch.Tensor:
+    """What varlen_attn computes, window by window with sdpa as transformers does: q/k/v are (tokens, heads,
+    head_dim), segment i is rows cu[i]:cu[i+1]; returns (tokens, heads, head_dim)."""
     lengths_q, lengths_k = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
     outputs = [
         F.scaled_dot_product_attention(
-            qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), dropout_p=dropout, scale=scaling,
+            qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), dropout_p=dropout, scale=scale,
             is_causal=causal,
         ).transpose(0, 1)
         for qs, ks, vs in zip(q.split(lengths_q), k.split(lengths_k), v.split(lengths_k), strict=True)
     ]  # fmt: skip
-    return torch.cat(outputs).reshape(batch, length, heads, -1), None
+    return torch.cat(outputs)
 
 
 def boundaries_of(position_ids: torch.Tensor) -> torch.Tensor:

@@ -17,18 +17,8 @@ import os
 if os.environ.get("FAKE_VARLEN"):
     import torch
     import torch.nn.attention.varlen as varlen_module
-    from torch.nn import functional as F
 
-    def _eager(q, k, v, cu_q, cu_k, scale, causal):
-        outs = []
-        lq, lk = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
-        for qs, ks, vs in zip(q.split(lq), k.split(lk), v.split(lk), strict=True):
-            outs.append(
-                F.scaled_dot_product_attention(
-                    qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), scale=scale, is_causal=causal
-                ).transpose(0, 1)
-            )
-        return torch.cat(outs)
+    import vlm_recipes.attention as attention
 
     @torch.library.custom_op("fake::varlen", mutates_args=())
     def fake_varlen(
@@ -42,7 +32,9 @@ if os.environ.get("FAKE_VARLEN"):
         scale: float,
         causal: bool,
     ) -> torch.Tensor:
-        return _eager(q, k, v, cu_q, cu_k, None if scale < 0 else scale, causal)
+        return attention.attention_segment_by_segment(
+            q, k, v, cu_q, cu_k, None if scale < 0 else scale, causal
+        )
 
     @fake_varlen.register_fake
     def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
@@ -105,6 +97,4 @@ if os.environ.get("FAKE_VARLEN"):
         )
 
     varlen_module.varlen_attn = varlen_attn
-    import vlm_recipes.attention as attention
-
     attention.packed_kernel_available = lambda query: True
