@@ -16,8 +16,8 @@ qwen_vl_demo.yaml (the tiny CPU demo). Any field can be overridden on the comman
 32x32): the main GPU-memory knob for these models; --video_min_pixels / --video_max_pixels cap videos. The caps are
 checked at start by measuring a probe image through the processor. --attn_implementation sdpa_varlen (the real-size configs' default) gives the windowed vision
 tower one packed attention kernel per layer (vlm_recipes/attention.py; 1.8x faster on an H100, docs/benchmarks.md),
-and with --packing true the language model's packed rows too (packed Qwen2.5-VL-3B at 89-93% of its fixed-length speed
-on an H200 in two device commands, from 78% with sdpa's block mask).
+and with --packing true the language model's packed rows too (packed Qwen2.5-VL-3B at 89-96% of its fixed-length speed
+on an H200, 93% on average over three device commands, from 78% with sdpa's block mask).
 Re-running the same command resumes from the last complete checkpoint in output_dir.
 
 Qwen3-VL MoE (Qwen3-VL-30B-A3B): transformers holds each layer's experts as one 3-D parameter, so ZeRO-3 gathers

@@ -408,7 +408,8 @@ def run_one(
         recipe_args += ["--vision_model_name_or_path", "", "--text_model_name_or_path", ""]
     launcher = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
                 "--config_file", yaml_path, "--num_processes", args.num_processes,
-                "--main_process_port", str(29500 + os.getpid() % 1000)]  # fmt: skip
+                "--main_process_port", str(29500 + os.getpid() % 1000),
+                *shlex.split(args.launch_args)]  # fmt: skip
     if ds_path is not None:
         launcher += ["--deepspeed_config_file", ds_path]
     command = [str(part) for part in [*launcher, REPO / "recipes" / f"{known.recipe}.py", *recipe_args]]
@@ -416,6 +417,8 @@ def run_one(
     print(f"\n=== {args.model} {args.mode} {label}: {shlex.join(command)}", flush=True)
     start = time.time()
     env = {**os.environ, **({"VLM_RECIPES_PROFILE_DIR": str(run_dir / "profile")} if args.profile else {})}
+    if args.profile_start is not None:
+        env["VLM_RECIPES_PROFILE_START"] = str(args.profile_start)
     with open(run_dir / "log.txt", "w") as log:
         # Its own process group, so that a run past --timeout is stopped with every rank it started (they would
         # hold the GPU's memory for the next config); it is recorded as a failed row and the others still run.
@@ -436,6 +439,7 @@ def run_one(
         "grad_accum": grad_accum, "num_processes": args.num_processes, "seq_len": seq_len,
         "image_size": known.image_size, "gradient_checkpointing": not args.no_gradient_checkpointing,
         "attn_implementation": args.attn_implementation, "recipe_args": args.recipe_args,
+        "launch_args": args.launch_args,
         "env": {name: os.environ[name] for name in RECORDED_ENVIRONMENT if name in os.environ},
         "parameters": params, "steps": args.steps,
         "wall_s": round(time.time() - start, 1), "command": shlex.join(command), "run_dir": str(run_dir),
@@ -587,7 +591,7 @@ def versus(planned: float, measured: float) -> str:
 
 # What must match for two runs to differ only in their number of GPUs (the per-GPU micro-batch stays).
 SAME_SETTING = ("model", "mode", "config", "micro_batch", "grad_accum", "seq_len", "image_size",
-                "gradient_checkpointing", "attn_implementation", "recipe_args")  # fmt: skip
+                "gradient_checkpointing", "attn_implementation", "recipe_args", "launch_args")  # fmt: skip
 
 
 def gib(value: float | None) -> str:
@@ -603,7 +607,7 @@ def scaling_table(lines: list[dict]) -> None:
             continue
         singles = [
             y for y in lines[:k]
-            if y["status"] == "ok" and y["num_processes"] == 1 and all(y.get(f) == x.get(f) for f in SAME_SETTING)
+            if y["status"] == "ok" and y["num_processes"] == 1 and all(y.get(f, "") == x.get(f, "") for f in SAME_SETTING)
         ]  # fmt: skip
         base = singles[-1]["tokens_per_s"] if singles else None
         per_gpu = x["tokens_per_s"] / x["num_processes"]
@@ -668,7 +672,11 @@ def report(args) -> None:
     print(header)
     print("|" + " --- |" * 12)
     for x in lines:
-        other = x.get("recipe_args", "").replace("--", "").replace(" true", "")
+        other = (
+            f"{x.get('recipe_args', '')} {x.get('launch_args', '')}".replace("--", "")
+            .replace(" true", "")
+            .strip()
+        )
         if "expandable_segments:True" in x.get("env", {}).get("PYTORCH_CUDA_ALLOC_CONF", ""):
             other = f"{other} expandable_segments".strip()
         setting = f"{x['attn_implementation']}, {'on' if x['gradient_checkpointing'] else 'off'}"
@@ -753,10 +761,22 @@ def main() -> None:
     run_parser.add_argument("--no_gradient_checkpointing", action="store_true")
     run_parser.add_argument("--ds_set", action="append", default=[], help="KEY=VALUE, dotted, repeatable")
     run_parser.add_argument("--recipe_args", default="", help="more recipe arguments, as one string")
+    run_parser.add_argument(
+        "--launch_args",
+        default="",
+        help="more `accelerate launch` arguments, one string, given after '=' "
+        "(--launch_args=--dynamo_use_regional_compilation: accelerate launch sets the regional-compilation switch "
+        "itself, so only its own flag turns it on)",
+    )
     run_parser.add_argument("--work_dir", default="runs/benchmark")
     run_parser.add_argument("--results", default="runs/benchmark/results.jsonl")
     run_parser.add_argument("--timeout", type=int, default=1200, help="seconds per run")
     run_parser.add_argument("--profile", action="store_true", help="PyTorch profiler tables in <run>/profile")
+    run_parser.add_argument(
+        "--profile_start",
+        type=int,
+        help="with --profile: profile the two steps after this many (default: the warm-up)",
+    )
     run_parser.add_argument("--tiny", action="store_true", help="every dimension small: the CPU test")
     report_parser = commands.add_parser("report", help="a markdown table (and a plot) from a results file")
     report_parser.add_argument("results")

@@ -112,13 +112,31 @@ def test_scaling_table_compares_with_the_last_one_gpu_run_of_the_same_setting(ca
     )
 
 
+def test_the_profiled_steps_start_where_asked_and_never_inside_the_warm_up(tmp_path, monkeypatch):
+    from vlm_recipes.run_stats import RunStatsCallback
+
+    def profiled_steps(start: str) -> list[int]:
+        monkeypatch.setenv("VLM_RECIPES_PROFILE_DIR", str(tmp_path / start))
+        monkeypatch.setenv("VLM_RECIPES_PROFILE_START", start)
+        callback = RunStatsCallback(warmup_steps=3)
+        callback.last = 0.0
+        for _ in range(9):
+            callback.on_step_begin(None, None, None)
+            callback.on_step_end(None, None, None)
+        return callback.profiled_steps
+
+    assert profiled_steps("6") == [6, 7]  # a compiled run profiled once its recompiles have settled
+    assert profiled_steps("1") == [3, 4]  # never the warm-up's steps
+    assert profiled_steps("") == [3, 4]  # unset: right after the warm-up
+
+
 def test_the_length_mix_reports_sample_tokens_and_padding_for_padded_and_packed_batches(tmp_path):
     results = tmp_path / "results.jsonl"
     run_command(
         [sys.executable, "scripts/benchmark.py", "run", "--model", "qwen2.5-vl-3b", "--tiny", "--length_mix",
          "--batching", "padded,packed", "--configs", "zero3_offload", "--steps", "5", "--micro_batch", "4",
          "--packed_micro_batch", "1", "--seq_len", "768", "--num_processes", "1", "--dataloader_workers", "0",
-         "--work_dir", tmp_path, "--results", results],
+         "--launch_args=--num_cpu_threads_per_process 2", "--work_dir", tmp_path, "--results", results],
         timeout=900,
     )  # fmt: skip
     padded, packed = [json.loads(text) for text in results.read_text().splitlines()]
@@ -129,5 +147,10 @@ def test_the_length_mix_reports_sample_tokens_and_padding_for_padded_and_packed_
     # Mixed lengths padded to each batch's longest waste slots; rows packed to 768 tokens waste few.
     assert packed["padding_fraction"] < 0.10 < padded["padding_fraction"], (packed, padded)
     assert packed["tokens_per_s"] == packed["real_tokens_per_s"] > 0
+    # --launch_args reach `accelerate launch` itself (it refuses a flag it does not know) and are recorded
+    assert (
+        "launch --config_file" in packed["command"] and "--num_cpu_threads_per_process 2" in packed["command"]
+    )
+    assert packed["launch_args"] == "--num_cpu_threads_per_process 2"
     report = run_command([sys.executable, "scripts/benchmark.py", "report", results]).stdout
     assert "| qwen2.5-vl-3b | full | zero3_offload | packed | 1 x 1 x 1 |" in report

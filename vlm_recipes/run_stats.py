@@ -113,10 +113,11 @@ class RunStatsCallback(TrainerCallback):
         )  # wall clock, for the time from launch to training (benchmark_data.py)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        # VLM_RECIPES_PROFILE_DIR=<folder>: the PyTorch profiler over two steps after the warm-up, its op tables
-        # written there (scripts/benchmark.py --profile sets it).
+        # VLM_RECIPES_PROFILE_DIR=<folder>: the PyTorch profiler over two steps after the warm-up (or after
+        # VLM_RECIPES_PROFILE_START steps: a compiled run's recompiles settle later), its op tables written there
+        # (scripts/benchmark.py --profile [--profile_start N] sets them).
         folder = os.environ.get("VLM_RECIPES_PROFILE_DIR")
-        if folder and len(self.step_times) == self.warmup_steps and self.profiler is None:
+        if folder and len(self.step_times) == self.profile_start() and self.profiler is None:
             from vlm_recipes.profiling import StepProfiler
 
             self.profiler = StepProfiler()
@@ -139,9 +140,12 @@ class RunStatsCallback(TrainerCallback):
             self.parameters_owned, self.parameters_total, self.parameters_trainable = parameter_elements(
                 model
             )
-        if self.profiler and len(self.step_times) == self.warmup_steps + PROFILED_STEPS:
+        if self.profiler and len(self.step_times) == self.profile_start() + PROFILED_STEPS:
             self.profiler.stop()  # its tables are written at the end, outside the timing
-            self.profiled_steps = list(range(self.warmup_steps, self.warmup_steps + PROFILED_STEPS))
+            self.profiled_steps = list(range(self.profile_start(), self.profile_start() + PROFILED_STEPS))
+
+    def profile_start(self) -> int:
+        return max(int(os.environ.get("VLM_RECIPES_PROFILE_START") or self.warmup_steps), self.warmup_steps)
 
     def steady_step_times(self) -> list[float]:
         """Step times after the warm-up, without the steps the profiler slowed down."""
