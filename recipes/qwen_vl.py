@@ -49,6 +49,7 @@ from vlm_recipes.training import (
     CheckpointCompleteCallback,
     RecipeTrainer,
     ResolvedDeepSpeedConfigCallback,
+    StopOnNonFiniteGradientCallback,
     check_quantization,
     finish_run,
     input_grads_only_where_trained,
@@ -296,7 +297,12 @@ def main():
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[ResolvedDeepSpeedConfigCallback(), RunStatsCallback(), CheckpointCompleteCallback()],
+        callbacks=[
+            ResolvedDeepSpeedConfigCallback(),
+            RunStatsCallback(),
+            CheckpointCompleteCallback(),
+            StopOnNonFiniteGradientCallback(),
+        ],
         packed_position_ids=packed_position_ids,
     )
 

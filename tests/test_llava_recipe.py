@@ -30,6 +30,7 @@ from tests.conftest import (
     launch_recipe,
     llava_recipe_args,
     logged_losses,
+    output_tail,
     recipe_command,
     requires_processes,
     run_command,
@@ -191,6 +192,49 @@ def test_finished_output_dir_is_not_overwritten(llava_zero3_run):
         "already holds a finished model" in result.stderr and "--overwrite_output_dir true" in result.stderr
     )
     assert (output_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_run_whose_gradients_go_non_finite_stops_before_saving_that_step(tiny_llava, demo_data, tmp_path):
+    """A learning rate of 1e30 makes the third step's gradients overflow under the shared ZeRO-3 offload config on
+    every process; the run stops there with the step, the last good checkpoint and the fixes, and writes nothing
+    after it (the Trainer would otherwise train on to the end, logging `loss: 0` for NaN losses)."""
+    output_dir = tmp_path / "out"
+    args = llava_recipe_args(
+        tiny_llava, demo_data, output_dir,
+        "--max_steps", "8", "--learning_rate", "1e30", "--logging_steps", "1",
+        "--save_strategy", "steps", "--save_steps", "1",
+    )  # fmt: skip
+    result = launch_recipe("llava.py", args, check=False, timeout=300)
+    assert result.returncode != 0
+    said = re.search(r"NonFiniteGradientError: step (\d+): the gradient norm is (nan|inf)\.", result.stderr)
+    assert said, output_tail(result.stdout, result.stderr)
+    stopped_at = int(said.group(1))
+    assert 1 < stopped_at < 8
+    last_good = output_dir / f"checkpoint-{stopped_at - 1}"
+    assert f"{last_good} is the last complete checkpoint" in result.stderr
+    assert "--torch_compile false" in result.stderr and "try a tenth" in result.stderr
+    saved = sorted(int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*"))
+    assert saved == list(range(1, stopped_at)), saved
+    assert is_complete_checkpoint(last_good)
+    assert not (output_dir / "model.safetensors").exists()
+
+
+def test_a_non_finite_gradient_norm_is_left_to_the_loss_scaler_in_fp16(tmp_path):
+    """fp16's loss scaler skips overflowing steps on purpose and the Trainer logs their norm as inf: not stopped.
+    Finite norms and logs without one are never stopped."""
+    from types import SimpleNamespace
+
+    from vlm_recipes.training import NonFiniteGradientError, StopOnNonFiniteGradientCallback
+
+    callback, state = StopOnNonFiniteGradientCallback(), SimpleNamespace(global_step=4)
+    fp16, bf16 = (SimpleNamespace(fp16=flag, output_dir=str(tmp_path)) for flag in (True, False))
+    callback.on_log(fp16, state, None, logs={"loss": 0.0, "grad_norm": float("inf")})
+    callback.on_log(bf16, state, None, logs={"loss": 1.5, "grad_norm": 3.2})
+    callback.on_log(bf16, state, None, logs={"train_runtime": 9.0})
+    with pytest.raises(
+        NonFiniteGradientError, match="step 4: the gradient norm is nan. .*No checkpoint was saved"
+    ):
+        callback.on_log(bf16, state, None, logs={"loss": 0.0, "grad_norm": float("nan")})
 
 
 @pytest.mark.gpu_e2e

@@ -2,6 +2,7 @@
 DeepSpeed config, and saving a model that loads with `from_pretrained`."""
 
 import json
+import math
 import os
 import re
 import sys
@@ -64,6 +65,44 @@ class CheckpointCompleteCallback(TrainerCallback):
         partial = folder / f"{CHECKPOINT_COMPLETE}.partial"
         partial.write_text(json.dumps(marker, indent=1) + "\n")
         os.replace(partial, folder / CHECKPOINT_COMPLETE)
+
+
+class NonFiniteGradientError(RuntimeError):
+    pass
+
+
+class StopOnNonFiniteGradientCallback(TrainerCallback):
+    """Stops a bf16 or fp32 run at the first logged gradient norm that is NaN or infinite (as Megatron-LM does by
+    default), before that step's checkpoint is written (the Trainer logs, then saves), so it cannot rotate a good one
+    away under save_total_limit.
+
+    Without it such a run goes on to the end: without DeepSpeed on NaN weights, with its log reading `loss: 0` (the
+    Trainer's logging_nan_inf_filter leaves NaN losses out of the logged mean); under DeepSpeed, whose ZeRO
+    optimizers skip a step whose gradients overflow, on steps that may all be skipped. The norm is the global one,
+    the same on every rank, so every rank stops at the same step. fp16 is left alone: its loss scaler skips
+    overflowing steps on purpose, and their norm is logged as inf. Checked at each log (every logging_steps): the
+    norm the Trainer logs is its last step's.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        grad_norm = (logs or {}).get("grad_norm")
+        if grad_norm is None or args.fp16 or math.isfinite(float(grad_norm)):
+            return
+        last = last_complete_checkpoint(Path(args.output_dir))
+        raise NonFiniteGradientError(
+            f"step {state.global_step}: the gradient norm is {grad_norm}. Without DeepSpeed the update from it puts "
+            "NaN in the weights; DeepSpeed skips such a step, and a run where that repeats trains nothing. "
+            "Training stopped before saving anything more. "
+            + (
+                f"{last} is the last complete checkpoint, saved before it. "
+                if last
+                else "No checkpoint was saved. "
+            )
+            + "What usually causes it: a learning rate too high for the model (try a tenth), a record whose "
+            "labels or images are broken (run scripts/validate_data.py on the dataset), or a kernel path to rule "
+            "out: run the same command with --torch_compile false, with --packing false, or in fp32 on a few "
+            "steps, and compare the first steps' grad_norm."
+        )
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
