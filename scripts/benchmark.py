@@ -631,6 +631,19 @@ def scaling_table(lines: list[dict]) -> None:
         print("\n".join(rows))
 
 
+def run_setting(x: dict) -> str:
+    """Attention, checkpointing and the run's other flags (recipe and launch arguments), for the tables."""
+    other = (
+        f"{x.get('recipe_args', '')} {x.get('launch_args', '')}".replace("--", "")
+        .replace(" true", "")
+        .strip()
+    )
+    if "expandable_segments:True" in x.get("env", {}).get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        other = f"{other} expandable_segments".strip()
+    setting = f"{x['attn_implementation']}, {'on' if x['gradient_checkpointing'] else 'off'}"
+    return setting + (f", {other}" if other else "")
+
+
 def length_mix_table(lines: list[dict]) -> None:
     """The length-mix runs: sample tokens/s and the padding fraction of each batching, against the latest
     fixed-length run of the same model, mode and config before it."""
@@ -640,8 +653,8 @@ def length_mix_table(lines: list[dict]) -> None:
             continue
         batch = f"{x['micro_batch']} x {x['grad_accum']} x {x['num_processes']}"
         if x["status"] != "ok":
-            rows.append(f"| {x['model']} | {x['mode']} | {x['config']} | {x['batching']} | {batch} | failed: "
-                        f"{x['error'][:120]} | | | |")  # fmt: skip
+            rows.append(f"| {x['model']} | {x['mode']} | {x['config']} | {x['batching']} | {run_setting(x)} | "
+                        f"{batch} | failed: {x['error'][:120]} | | | |")  # fmt: skip
             continue
         fixed = [
             y for y in lines[:k]
@@ -652,15 +665,15 @@ def length_mix_table(lines: list[dict]) -> None:
         mfu = f"{100 * x['mfu']:.1f}%" if x.get("mfu") is not None else "-"
         against = f"{100 * x['real_tokens_per_s'] / base:.0f}% of {base:,.0f}" if base else "-"
         rows.append(
-            f"| {x['model']} | {x['mode']} | {x['config']} | {x['batching']} | {batch} | "
+            f"| {x['model']} | {x['mode']} | {x['config']} | {x['batching']} | {run_setting(x)} | {batch} | "
             f"{x['real_tokens_per_s']:,.0f} | {100 * x['padding_fraction']:.1f}% | {mfu} | {against} |"
         )
     if rows:
         print("\nLength mix (--length_mix): the samples' own tokens per second, and the share of computed slots that "
               "were padding\n")  # fmt: skip
-        print("| model | mode | config | batching | micro-batch x accum x GPUs | sample tokens/s | padding | MFU | "
-              "vs the fixed-length run |")  # fmt: skip
-        print("|" + " --- |" * 9)
+        print("| model | mode | config | batching | attention, checkpointing, other | micro-batch x accum x GPUs | "
+              "sample tokens/s | padding | MFU | vs the fixed-length run |")  # fmt: skip
+        print("|" + " --- |" * 10)
         print("\n".join(rows))
 
 
@@ -672,15 +685,7 @@ def report(args) -> None:
     print(header)
     print("|" + " --- |" * 12)
     for x in lines:
-        other = (
-            f"{x.get('recipe_args', '')} {x.get('launch_args', '')}".replace("--", "")
-            .replace(" true", "")
-            .strip()
-        )
-        if "expandable_segments:True" in x.get("env", {}).get("PYTORCH_CUDA_ALLOC_CONF", ""):
-            other = f"{other} expandable_segments".strip()
-        setting = f"{x['attn_implementation']}, {'on' if x['gradient_checkpointing'] else 'off'}"
-        setting += f", {other}" if other else ""
+        setting = run_setting(x)
         batch = f"{x['micro_batch']} x {x['grad_accum']} x {x['num_processes']}"
         if x["status"] != "ok":
             print(f"| {x['model']} | {x['mode']} | {x['config']} | {setting} | {batch} | failed: "

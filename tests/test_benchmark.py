@@ -153,4 +153,7 @@ def test_the_length_mix_reports_sample_tokens_and_padding_for_padded_and_packed_
     )
     assert packed["launch_args"] == "--num_cpu_threads_per_process 2"
     report = run_command([sys.executable, "scripts/benchmark.py", "report", results]).stdout
-    assert "| qwen2.5-vl-3b | full | zero3_offload | packed | 1 x 1 x 1 |" in report
+    assert (
+        "| qwen2.5-vl-3b | full | zero3_offload | packed | sdpa, on, num_cpu_threads_per_process 2 | 1 x 1 x 1 |"
+        in report
+    )

@@ -237,6 +237,37 @@ def test_a_non_finite_gradient_norm_is_left_to_the_loss_scaler_in_fp16(tmp_path)
         callback.on_log(bf16, state, None, logs={"loss": 0.0, "grad_norm": float("nan")})
 
 
+def test_the_stop_names_the_weights_a_nan_reached_and_so_where_it_began(tmp_path):
+    """A NaN made in the backward of the third of five layers reaches that layer's weights and the ones before it,
+    not the two after it: the message names the third as the last, where it began."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vlm_recipes.training import NonFiniteGradientError, StopOnNonFiniteGradientCallback
+
+    class NanInBackward(torch.autograd.Function):
+        forward = staticmethod(lambda ctx, x: x.clone())
+        backward = staticmethod(lambda ctx, grad: grad * float("nan"))
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(5))
+    x = torch.randn(2, 4)
+    for k, layer in enumerate(layers):  # the NaN enters the gradient of layer 2's output
+        x = torch.tanh(layer(NanInBackward.apply(x) if k == 3 else x))
+    x.sum().backward()
+    torch.optim.SGD(layers.parameters(), lr=0.1).step()
+    finite = [torch.isfinite(layer.weight).all().item() for layer in layers]
+    assert finite == [False, False, False, True, True]
+    state, args = SimpleNamespace(global_step=7), SimpleNamespace(fp16=False, output_dir=str(tmp_path))
+    with pytest.raises(NonFiniteGradientError) as stopped:
+        StopOnNonFiniteGradientCallback().on_log(
+            args, state, None, logs={"grad_norm": float("nan")}, model=layers
+        )
+    assert "6 of 10 weight tensors are now NaN or infinite, from 0.weight to 2.bias" in str(stopped.value)
+    assert "began at or just after 2.bias" in str(stopped.value)
+
+
 @pytest.mark.gpu_e2e
 def test_lora_adapter_is_saved_and_loaded_by_the_after_training_scripts(
     tiny_llava, demo_data, tmp_path, monkeypatch, capsys

@@ -81,10 +81,11 @@ class StopOnNonFiniteGradientCallback(TrainerCallback):
     optimizers skip a step whose gradients overflow, on steps that may all be skipped. The norm is the global one,
     the same on every rank, so every rank stops at the same step. fp16 is left alone: its loss scaler skips
     overflowing steps on purpose, and their norm is logged as inf. Checked at each log (every logging_steps): the
-    norm the Trainer logs is its last step's.
+    norm the Trainer logs is its last step's. The message names the weights the step made non-finite, which says
+    where the NaN began (non_finite_weights).
     """
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         grad_norm = (logs or {}).get("grad_norm")
         if grad_norm is None or args.fp16 or math.isfinite(float(grad_norm)):
             return
@@ -92,7 +93,8 @@ class StopOnNonFiniteGradientCallback(TrainerCallback):
         raise NonFiniteGradientError(
             f"step {state.global_step}: the gradient norm is {grad_norm}. Without DeepSpeed the update from it puts "
             "NaN in the weights; DeepSpeed skips such a step, and a run where that repeats trains nothing. "
-            "Training stopped before saving anything more. "
+            + (non_finite_weights(model) if model is not None else "")
+            + "Training stopped before saving anything more. "
             + (
                 f"{last} is the last complete checkpoint, saved before it. "
                 if last
@@ -103,6 +105,28 @@ class StopOnNonFiniteGradientCallback(TrainerCallback):
             "out: run the same command with --torch_compile false, with --packing false, or in fp32 on a few "
             "steps, and compare the first steps' grad_norm."
         )
+
+
+def non_finite_weights(model) -> str:
+    """Which weights are NaN or infinite now, named in the model's own (forward) order. Backward runs from the loss
+    down, so a NaN that starts in some layer's backward reaches that layer's weights and every one before it (the
+    vision tower, the embeddings), not the layers after it: the last one named is where it began. Weights that ZeRO-3
+    partitions are empty here and not checked."""
+    checked, bad = 0, []
+    for name, parameter in model.named_parameters():
+        if parameter.numel() and parameter.is_floating_point():
+            checked += 1
+            if not torch.isfinite(parameter.detach()).all():
+                bad.append(name)
+    if not checked:
+        return ""
+    if not bad:
+        return f"None of the {checked:,} weight tensors on this rank is NaN or infinite (yet). "
+    return (
+        f"{len(bad):,} of {checked:,} weight tensors are now NaN or infinite, from {bad[0]} to {bad[-1]} in the "
+        f"model's order; the NaN began at or just after {bad[-1]} (backward reaches only the weights before the "
+        "layer it starts in). "
+    )
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
