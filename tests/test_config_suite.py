@@ -9,6 +9,7 @@ configs and single_gpu also run on CUDA in bf16 and fp16 (`make test-gpu`, marke
 import json
 import os
 import runpy
+import shutil
 import stat
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from tests.conftest import (
     PRECISION,
     QUIET_ENV,
     REPO,
+    RESUME_RTOL,
     assert_equal_in_training_precision,
     assert_saved_equals_trained,
     assert_saved_is_complete_and_moved,
@@ -145,8 +147,25 @@ def test_deepspeed_config_trains_and_show_ds_config_matches_the_run(
 def test_other_accelerate_configs_train(tiny_llava, demo_data, tmp_path, config):
     output_dir = tmp_path / config
     processes = 1 if config == "single_gpu" else NUM_PROCESSES
-    launch_with(config, demo_args(tiny_llava, demo_data, output_dir), processes)
+    args = demo_args(tiny_llava, demo_data, output_dir, "--save_strategy", "steps", "--save_steps", STEPS - 1,
+                     "--overwrite_output_dir", "false")  # fmt: skip
+    launch_with(config, args, processes)
     assert sorted(logged_losses(output_dir)) == list(range(1, STEPS + 1))
+    if config != "fsdp2":  # without DeepSpeed or FSDP: the recipe loads the weights (RecipeTrainer)
+        # Rerun after a crash past the checkpoint: it resumes from the checkpoint's weights, not the initial ones
+        # (the Trainer's own load matched none of LLaVA's saved names, huggingface/transformers#43701).
+        interrupted = tmp_path / f"{config}-interrupted"
+        shutil.copytree(
+            output_dir, interrupted, ignore=shutil.ignore_patterns("run_stats", f"checkpoint-{STEPS}")
+        )
+        (interrupted / "model.safetensors").unlink()
+        (interrupted / "trainer_state.json").unlink()
+        log = launch_with(config, [interrupted if a == output_dir else a for a in args], processes).stderr
+        assert f"loading the model's weights from {interrupted / f'checkpoint-{STEPS - 1}'}" in log, log[
+            -3000:
+        ]
+        resumed, original = logged_losses(interrupted), logged_losses(output_dir)
+        assert resumed[STEPS] == pytest.approx(original[STEPS], rel=RESUME_RTOL), (resumed, original)
     assert not (output_dir / "ds_config_resolved.json").exists()  # no DeepSpeed here
     changed = assert_saved_is_complete_and_moved(LlavaForConditionalGeneration, output_dir, tiny_llava)
     # accelerate turns FSDP on only on GPUs: on a CPU it runs fsdp2.yaml as plain data parallel over gloo (each rank

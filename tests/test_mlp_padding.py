@@ -4,15 +4,20 @@ checkpoint's widths do, keep the padding zero under AdamW, and save and load at 
 The tiny Qwen2.5-VL's MLPs are 64 (vision) and 128 (text) wide, multiples of 64; padding to multiples of 48 widens
 both (to 96 and 144), so the real model classes, their state dicts and save_pretrained are what is tested."""
 
+import shutil
+
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from tests.conftest import REPO, RESUME_RTOL, launch_recipe, logged_losses
 from tests.test_packing import loss_and_gradients, records
 from vlm_recipes.collator import ConversationCollator
 from vlm_recipes.config import ConfigError
 from vlm_recipes.data import ConversationDataset
 from vlm_recipes.mlp_padding import check_mlp_padding, mlp_padding_applies, pad_gated_mlps
+
+SINGLE_GPU = REPO / "accelerate_configs" / "single_gpu.yaml"
 
 
 def test_a_padded_model_trains_saves_and_loads_as_the_checkpoints_widths_do(tiny_model, demo_data, tmp_path):
@@ -103,3 +108,59 @@ def test_padding_is_refused_before_loading_where_the_weights_are_not_whole_and_a
     off = SimpleNamespace(pad_mlp_widths="false", use_lora=False, load_in_4bit=False)
     check_mlp_padding(off, without)
     assert not mlp_padding_applies(off, without)
+
+
+def test_a_recipe_run_pads_by_default_without_deepspeed_trains_as_unpadded_and_resumes(
+    tiny_model, demo_data, tmp_path
+):
+    """The recipe end to end on one process without DeepSpeed (the single_gpu config, as `make train` picks it):
+    `auto` pads, the run logs the losses of the same run unpadded, its checkpoints and final model are saved at the
+    checkpoint's widths, and a run resumed from a padded checkpoint ends where the uninterrupted one did."""
+    # Every tiny model's widths are multiples of 64, unlike the real 3,420: this one's vision MLP is 90 wide.
+    base = tiny_model("qwen2.5-vl")
+    config = AutoConfig.from_pretrained(base)
+    config.vision_config.intermediate_size = 90
+    torch.manual_seed(0)
+    odd = tmp_path / "tiny-qwen2.5-vl-mlp-90"
+    AutoModelForImageTextToText.from_config(config).save_pretrained(odd)
+    AutoProcessor.from_pretrained(base).save_pretrained(odd)
+
+    def run(output_dir, *extra):
+        args = [
+            "--config", "recipes/configs/qwen_vl_demo.yaml", "--model_name_or_path", odd,
+            "--dataset_path", demo_data / "train.json", "--image_root", demo_data, "--output_dir", output_dir,
+            "--overwrite_output_dir", "false", "--freeze_vision_tower", "false", "--max_steps", "4",
+            "--per_device_train_batch_size", "4", "--logging_steps", "1", *extra,
+        ]  # fmt: skip
+        result = launch_recipe("qwen_vl.py", args, num_processes=1, accelerate_config=SINGLE_GPU)
+        return result.stdout + result.stderr
+
+    padded_dir, plain_dir = tmp_path / "padded", tmp_path / "plain"
+    log = run(padded_dir, "--save_strategy", "steps", "--save_steps", "2")  # --pad_mlp_widths auto
+    assert "--pad_mlp_widths: 2 MLPs widened from 90 to 128 with zero units (saved at 90)" in log, log[-3000:]
+    assert "widened" not in run(plain_dir, "--pad_mlp_widths", "false")
+    padded_losses, plain_losses = logged_losses(padded_dir), logged_losses(plain_dir)
+    assert sorted(padded_losses) == [1, 2, 3, 4]
+    for step, loss in plain_losses.items():
+        assert padded_losses[step] == pytest.approx(loss, rel=1e-5), (padded_losses, plain_losses)
+
+    # saved at the checkpoint's widths: an ordinary model, with the weights the unpadded run trained
+    plain = AutoModelForImageTextToText.from_pretrained(plain_dir, dtype=torch.float32).state_dict()
+    for folder in (padded_dir, padded_dir / "checkpoint-2"):
+        reloaded = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+        assert reloaded.config.vision_config.intermediate_size == 90
+        assert reloaded.model.visual.blocks[0].mlp.gate_proj.weight.shape == (90, 32)
+    final = AutoModelForImageTextToText.from_pretrained(padded_dir, dtype=torch.float32).state_dict()
+    for name, tensor in plain.items():
+        torch.testing.assert_close(final[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+    # resumed from the padded checkpoint-2 (the optimizer's moments at the padded widths): the same last steps
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(padded_dir, interrupted, ignore=shutil.ignore_patterns("run_stats", "checkpoint-4"))
+    (interrupted / "model.safetensors").unlink()
+    (interrupted / "trainer_state.json").unlink()
+    log = run(interrupted, "--save_strategy", "steps", "--save_steps", "2")
+    assert f"resuming from {interrupted / 'checkpoint-2'}" in log, log[-3000:]
+    resumed = logged_losses(interrupted)
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(padded_losses[step], rel=RESUME_RTOL), (resumed, padded_losses)

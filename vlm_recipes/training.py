@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import logging
 
@@ -417,6 +417,23 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
+def load_saved_weights(model: PreTrainedModel, checkpoint: Path) -> None:
+    """Load the weights `save_pretrained` wrote to `checkpoint` into `model`, every one (strict), through
+    from_pretrained's own renaming: a copy of the model is read on the CPU, in the saved dtype, and copied in (the
+    model's load-time hooks apply, e.g. --pad_mlp_widths' padding). Host RAM: one copy of the weights, briefly."""
+    logger.warning(f"loading the model's weights from {checkpoint}")
+    saved = type(model).from_pretrained(checkpoint, device_map="cpu")
+    try:
+        model.load_state_dict(saved.state_dict(), strict=True)
+    except RuntimeError as error:
+        raise ConfigError(
+            f"{checkpoint} does not hold this model's weights ({error}); resume from another checkpoint "
+            "(--resume_from_checkpoint), or start over with --overwrite_output_dir true"
+        ) from None
+    finally:
+        del saved
+
+
 class RecipeTrainer(Trainer):
     """The HF Trainer, with `--train_sampling_strategy group_by_length` taking each sample's length from the
     preflight (ConversationDataset.lengths, measured when every record was tokenized before training) instead of
@@ -449,6 +466,18 @@ class RecipeTrainer(Trainer):
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base  # a PEFT model's own
         return model_inputs(inputs, base, self.packed_position_ids)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resuming a full model without DeepSpeed or FSDP (single_gpu, multi_gpu): its weights loaded as
+        from_pretrained loads them. transformers 5 saves a model whose layout it converts on loading (LLaVA,
+        Qwen-VL) under the checkpoint format's names, and the Trainer's own resume loads them back with
+        load_state_dict(strict=False) under the model's: for Qwen2.5-VL no key matched and the run went on from its
+        initial weights with the checkpoint's optimizer state, after a warning (huggingface/transformers#43701).
+        DeepSpeed and FSDP load their own shards, a PEFT model its adapter: the Trainer's path."""
+        model = model if model is not None else self.model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not isinstance(model, PreTrainedModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_saved_weights(model, Path(resume_from_checkpoint))
 
     def create_optimizer(self, model=None):
         """--compensated_bf16_updates true: vlm_recipes.optim.CompensatedAdamW, with the Trainer's weight-decay
