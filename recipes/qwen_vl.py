@@ -43,7 +43,7 @@ from vlm_recipes.data import ConversationDataset, media_kinds, read_records
 from vlm_recipes.ds_config import check_deepspeed_config
 from vlm_recipes.host_memory import check_host_memory
 from vlm_recipes.masking import image_tokens_at_cap
-from vlm_recipes.mlp_padding import check_mlp_padding, mlp_padding_applies, pad_gated_mlps
+from vlm_recipes.mlp_padding import check_mlp_padding, pad_mlp_widths
 from vlm_recipes.packing import PackedDataset
 from vlm_recipes.parts import ModelParts, adapters_for, freeze_parts
 from vlm_recipes.preflight import preflight
@@ -263,10 +263,8 @@ def main():
         # --load_in_4bit: QLoRA's 4-bit language model; the vision tower, projector and output head stay 16-bit.
         **quantized_loading(model_args, training_args, PARTS.kept_in_16_bit()),
     )
-    if mlp_padding_applies(model_args, training_args):  # widths the GPU's matrix kernels take whole; exact
-        padded = pad_gated_mlps(model)  # and saved at the checkpoint's widths (mlp_padding.py)
-        if padded and training_args.process_index == 0:
-            print(padded, flush=True)
+    # --pad_mlp_widths: widths the GPU's matrix kernels take whole, exact, saved at the checkpoint's (mlp_padding.py)
+    pad_mlp_widths(model, model_args, training_args)
     if data_args.packing and model_args.attn_implementation == PACKED_VISION_ATTENTION:
         # Packed rows: the language model's attention as one varlen call per layer, not sdpa with a block mask.
         use_packed_text_attention(model)

@@ -1,4 +1,4 @@
-"""`--pad_mlp_widths true`: gated MLPs whose hidden width is not a multiple of 64 widened with zero units, so that
+"""`--pad_mlp_widths` (auto by default): gated MLPs whose hidden width is not a multiple of 64 widened with zero units, so that
 the GPU's matrix kernels take their products whole.
 
 A bf16 matrix whose rows are not a multiple of 8 elements (16 bytes) wide cannot use Hopper's tensor-memory loads,
@@ -68,6 +68,16 @@ def mlp_padding_applies(model_args, training_args) -> bool:
     return asked == "true" or (asked == "auto" and not mlp_padding_problems(model_args, training_args))
 
 
+def pad_mlp_widths(model: nn.Module, model_args, training_args) -> None:
+    """What the recipes call once the model is loaded: pad its gated MLPs where --pad_mlp_widths applies, and say
+    so on the first process."""
+    if not mlp_padding_applies(model_args, training_args):
+        return
+    padded = pad_gated_mlps(model)
+    if padded and training_args.process_index == 0:
+        print(padded, flush=True)
+
+
 def pad_gated_mlps(model: nn.Module, multiple: int = 64) -> str | None:
     """Pad every gated MLP of `model` whose hidden width is not a multiple of `multiple`; says what it did (None:
     every one already was)."""
@@ -98,13 +108,13 @@ def widen_hidden_layer(
     original = getattr(module, expand[0]).out_features
     for name in expand:
         layer = getattr(module, name)
-        layer.weight = grown(layer.weight, 0, width)
+        layer.weight = nn.Parameter(grown(layer.weight, 0, width), requires_grad=layer.weight.requires_grad)
         if layer.bias is not None:
-            layer.bias = grown(layer.bias, 0, width)
+            layer.bias = nn.Parameter(grown(layer.bias, 0, width), requires_grad=layer.bias.requires_grad)
         layer.out_features = width
     for name in contract:
         layer = getattr(module, name)
-        layer.weight = grown(layer.weight, 1, width)
+        layer.weight = nn.Parameter(grown(layer.weight, 1, width), requires_grad=layer.weight.requires_grad)
         layer.in_features = width
 
     def cut_to_original(module, state_dict, prefix, local_metadata):
@@ -123,20 +133,19 @@ def widen_hidden_layer(
             for tensor in ("weight", "bias"):
                 key = f"{prefix}{name}.{tensor}"
                 if key in state_dict and state_dict[key].shape[0] == original:
-                    state_dict[key] = grown(state_dict[key], 0, width).detach()
+                    state_dict[key] = grown(state_dict[key], 0, width)
         for name in contract:
             key = f"{prefix}{name}.weight"
             if key in state_dict and state_dict[key].shape[1] == original:
-                state_dict[key] = grown(state_dict[key], 1, width).detach()
+                state_dict[key] = grown(state_dict[key], 1, width)
 
     module.register_state_dict_post_hook(cut_to_original)
     module.register_load_state_dict_pre_hook(pad_to_width)
 
 
-def grown(tensor: torch.Tensor, dim: int, size: int) -> nn.Parameter:
-    """`tensor` with zeros appended along `dim` up to `size`, as a parameter that trains as the old one did."""
+def grown(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`tensor` with zeros appended along `dim` up to `size`."""
     shape = list(tensor.shape)
     shape[dim] = size - shape[dim]
     zeros = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
-    requires_grad = tensor.requires_grad if isinstance(tensor, nn.Parameter) else True
-    return nn.Parameter(torch.cat([tensor.detach(), zeros], dim=dim), requires_grad=requires_grad)
+    return torch.cat([tensor.detach(), zeros], dim=dim)
